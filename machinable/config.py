@@ -1,0 +1,386 @@
+"""Typed ``Config`` handling: dataclass conversion, coercion, canonical form.
+
+A module's element declares ``class Config`` (with or without
+``@dataclass``). Values given to ``get()`` or on the command line are coerced
+to the annotated types; unknown keys and impossible values fail early with an
+error naming the key, the value and the closest valid key.
+
+The canonical form drops values equal to their default and tags every scalar
+with its type, so ``1`` and ``1.0`` and ``"1"`` never collide and adding a new
+field with a default leaves existing config hashes unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import math
+import types
+import typing
+from typing import Any, Literal, Union
+
+from machinable.errors import ConfigError
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+class ConfigMixin:
+    """Gives config instances ``config['key']`` besides ``config.key``."""
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+class _EmptyConfig:
+    pass
+
+
+def config_class(element_cls: type) -> type:
+    """The frozen dataclass behind ``element_cls.Config`` (made once per class)."""
+    cached = element_cls.__dict__.get("_machinable_config_class")
+    if cached is not None:
+        return cached
+    declared = getattr(element_cls, "Config", None) or _EmptyConfig
+    made = _as_dataclass(declared)
+    setattr(element_cls, "_machinable_config_class", made)
+    return made
+
+
+def _as_dataclass(declared: type) -> type:
+    namespace = {
+        key: value
+        for key, value in vars(declared).items()
+        if key not in ("__dict__", "__weakref__", "__dataclass_fields__", "__dataclass_params__")
+    }
+    annotations = dict(namespace.get("__annotations__", {}))
+    if dataclasses.is_dataclass(declared):
+        # keep defaults and factories the user declared with field()
+        for f in dataclasses.fields(declared):
+            if f.default is not dataclasses.MISSING:
+                namespace[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                namespace[f.name] = dataclasses.field(default_factory=f.default_factory)
+            annotations.setdefault(f.name, f.type)
+    for key in annotations:
+        value = namespace.get(key, dataclasses.MISSING)
+        if isinstance(value, (list, dict, set)):
+            namespace[key] = dataclasses.field(default_factory=_copier(value))
+    namespace["__annotations__"] = annotations
+    namespace["__module__"] = declared.__module__
+    namespace["__qualname__"] = declared.__qualname__
+    cls = type(declared.__name__, (ConfigMixin,), namespace)
+    return dataclasses.dataclass(frozen=True)(cls)
+
+
+def _copier(value: Any) -> Any:
+    import copy
+
+    return lambda: copy.deepcopy(value)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # unresolvable forward references: fall back to raw
+        return dict(getattr(cls, "__annotations__", {}))
+
+
+def fields_of(cls: type) -> dict[str, tuple[Any, Any]]:
+    """name -> (type, default or MISSING)."""
+    hints = _hints(cls)
+    out: dict[str, tuple[Any, Any]] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        out[f.name] = (hints.get(f.name, f.type), default)
+    return out
+
+
+def _unflatten(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}`` (for nested dataclass configs)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"Config keys must be strings, got {key!r}.")
+        if "." in key:
+            head, rest = key.split(".", 1)
+            if not head or not rest:
+                raise ConfigError(f"Invalid config key {key!r}.")
+            nested = out.setdefault(head, {})
+            if not isinstance(nested, dict):
+                raise ConfigError(f"Config key {head!r} is given both as a value and with nested keys.")
+            nested[rest] = value
+        else:
+            if key in out and isinstance(out[key], dict) and isinstance(value, dict):
+                out[key].update(value)
+            else:
+                out[key] = value
+    return out
+
+
+def make_config(cls: type, values: dict[str, Any] | None, *, where: str = "") -> Any:
+    """Build a config instance from user values, coercing and validating."""
+    values = _unflatten(dict(values or {}))
+    fields = fields_of(cls)
+    unknown = [key for key in values if key not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, list(fields), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        valid = ", ".join(fields) or "(none: this Config is empty)"
+        raise ConfigError(
+            f"Unknown config key {key!r} (value {values[key]!r}){' for ' + where if where else ''}.{hint} "
+            f"Valid keys: {valid}."
+        )
+    kwargs: dict[str, Any] = {}
+    for name, (annotation, default) in fields.items():
+        label = f"{where + ': ' if where else ''}{name}"
+        if name in values:
+            kwargs[name] = coerce(values[name], annotation, label)
+        elif default is dataclasses.MISSING:
+            raise ConfigError(f"Missing config value {name!r}{' for ' + where if where else ''}: it has no default; pass {name}=...")
+        elif dataclasses.is_dataclass(annotation) and isinstance(default, dict):
+            kwargs[name] = coerce(default, annotation, label)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except Exception as e:  # user __post_init__ validation
+        raise ConfigError(f"Invalid config{' for ' + where if where else ''}: {e}") from e
+
+
+def _bad(label: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"Invalid value {value!r} for config key {label!r}: expected {expected}.")
+
+
+def coerce(value: Any, annotation: Any, label: str = "value") -> Any:
+    """Coerce ``value`` to ``annotation`` or raise a ConfigError naming ``label``."""
+    if annotation is Any or annotation is dataclasses.MISSING or annotation is None and value is None:
+        return value
+    if isinstance(annotation, str):  # unresolved forward reference
+        return value
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, label)
+            except ConfigError as e:
+                errors.append(e)
+        raise _bad(label, value, " or ".join(_name(a) for a in args))
+    if origin is Literal:
+        for option in args:
+            if value == option or (isinstance(value, str) and str(option) == value):
+                return option
+        raise _bad(label, value, "one of " + ", ".join(repr(a) for a in args))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise _bad(label, value, "a bool (true/false/1/0)")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise _bad(label, value, "an int")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                pass
+        raise _bad(label, value, "an int")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise _bad(label, value, "a float")
+        if isinstance(value, (int, float)):
+            try:
+                return float(value)
+            except OverflowError:
+                raise _bad(label, value, "a float within range") from None
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise _bad(label, value, "a float")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise _bad(label, value, "a string")
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        if isinstance(value, annotation):
+            return value
+        for member in annotation:
+            if value == member.value or value == member.name:
+                return member
+        raise _bad(label, value, "one of " + ", ".join(m.name for m in annotation))
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        if isinstance(value, str):
+            value = _parse_json_text(value, label)
+        if not isinstance(value, dict):
+            raise _bad(label, value, f"a mapping for {_name(annotation)}")
+        nested = annotation if issubclass(annotation, ConfigMixin) else _as_dataclass(annotation)
+        return make_config(nested, value, where=label)
+    if origin in (list, tuple, set, frozenset) or annotation in (list, tuple, set, frozenset):
+        if isinstance(value, str):
+            value = _parse_json_text(value, label)
+        if not isinstance(value, (list, tuple, set, frozenset)):
+            raise _bad(label, value, _name(annotation))
+        container = origin or annotation
+        if container is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(value):
+                raise _bad(label, value, f"{len(args)} items")
+            return tuple(coerce(v, a, f"{label}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [coerce(v, item, f"{label}[{i}]") for i, v in enumerate(value)]
+        return container(items) if container is not list else items
+    if origin is dict or annotation is dict:
+        if isinstance(value, str):
+            value = _parse_json_text(value, label)
+        if not isinstance(value, dict):
+            raise _bad(label, value, "a mapping")
+        key_t, val_t = args if args else (Any, Any)
+        return {coerce(k, key_t, label): coerce(v, val_t, f"{label}.{k}") for k, v in value.items()}
+    if isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        raise _bad(label, value, _name(annotation))
+    return value
+
+
+def _parse_json_text(text: str, label: str) -> Any:
+    import orjson
+
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise _bad(label, text, "JSON text (for example [1, 2] or {\"a\": 1})") from None
+
+
+def _name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+# --- canonical form ----------------------------------------------------------
+
+
+def tag(value: Any) -> Any:
+    """Type-tagged canonical value: every scalar carries its type."""
+    if value is None:
+        return "n:"
+    if isinstance(value, bool):
+        return "b:" + ("1" if value else "0")
+    if isinstance(value, enum.Enum):
+        return f"e:{type(value).__name__}.{value.name}"
+    if isinstance(value, int):
+        return f"i:{value}"
+    if isinstance(value, float):
+        return f"f:{value!r}"
+    if isinstance(value, str):
+        return "s:" + value
+    if isinstance(value, bytes):
+        return "x:" + value.hex()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"d:": canonical(value)}
+    if isinstance(value, dict):
+        return {"m:": {str(tag(k)): tag(v) for k, v in value.items()}}
+    if isinstance(value, (set, frozenset)):
+        return {"set:": sorted((tag(v) for v in value), key=repr)}
+    if isinstance(value, (list, tuple)):
+        return [tag(v) for v in value]
+    raise ConfigError(
+        f"Config value {value!r} of type {type(value).__name__} has no canonical form; "
+        "use JSON-like values (numbers, strings, bools, None, lists, dicts, enums, dataclasses)."
+    )
+
+
+def canonical(config: Any) -> dict[str, Any]:
+    """Non-default fields, type-tagged, ready for canonical JSON."""
+    out: dict[str, Any] = {}
+    for name, (_, default) in fields_of(type(config)).items():
+        value = getattr(config, name)
+        tagged = tag(value)
+        if default is not dataclasses.MISSING:
+            try:
+                if tag(default) == tagged:
+                    continue
+            except ConfigError:
+                pass
+        out[name] = tagged
+    return out
+
+
+def to_json(value: Any) -> Any:
+    """A JSON-safe copy of a config (every field, defaults included).
+
+    Non-finite floats become ``"nan"``/``"inf"``/``"-inf"`` and integers
+    beyond 64 bits become strings; both coerce back through ``make_config``.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, enum.Enum):
+        return value.value if isinstance(value.value, (str, int, float)) else value.name
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_json(v) for v in value]
+    return repr(value)
+
+
+def defaults_of(cls: type) -> dict[str, Any]:
+    return {name: default for name, (_, default) in fields_of(cls).items() if default is not dataclasses.MISSING}
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

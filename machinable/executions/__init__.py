@@ -1,0 +1,1 @@
+"""Built-in executions, addressable by name (``machinable.execution.<name>``)."""

@@ -1,0 +1,751 @@
+"""Experiments: get-or-create by content address, run-once launch, records, data.
+
+An experiment's id is the digest of (config hash, code hash, seed): the same
+module source, configuration and seed always name the same record. Launching
+a finished experiment does nothing; launching a failed or interrupted one
+resumes it in place.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import secrets
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from machinable.config import canonical, config_class, make_config
+from machinable.element import Element
+from machinable.errors import CodeChangedError, ConfigError, ModuleNotFound, StorageError, StorageFormatError
+from machinable.hashing import Closure, closure_of, digest, hex_of
+from machinable.ledger import Ledger
+from machinable.storage import (
+    MANIFEST,
+    Claim,
+    Storage,
+    atomic_write,
+    make_read_only,
+    make_temp_dir,
+    publish_dir,
+    put_object,
+    read_json,
+    write_json,
+    write_manifest,
+)
+
+SHORT = 12
+
+
+class ConfigView:
+    """Read-only attribute/item access to a stored config (no user code)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            value = self._values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+        return ConfigView(value) if isinstance(value, dict) else value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("stored configs are read-only")
+
+    def __repr__(self) -> str:
+        return f"ConfigView({self._values!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ConfigView) and other._values == self._values
+
+    def keys(self) -> list[str]:
+        return list(self._values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def new_seed() -> int:
+    return secrets.randbits(31)
+
+
+def config_hash_of(module: str, config: Any) -> str:
+    return digest({"module": module, "config": canonical(config)})
+
+
+def experiment_id_of(config_hash: str, code_hash: str, seed: int) -> str:
+    return hex_of(digest({"config_hash": config_hash, "code_hash": code_hash, "seed": str(seed)}))
+
+
+class _Tee:
+    """Writes to the terminal and to output.log at once (live and saved)."""
+
+    def __init__(self, stream: Any, log: Any, prefix: str = "") -> None:
+        self._stream, self._log, self._prefix = stream, log, prefix
+        self._at_line_start = True
+
+    def write(self, text: str) -> int:
+        try:
+            self._log.write(text)
+            self._log.flush()
+        except (OSError, ValueError):
+            pass
+        if self._prefix:
+            lines = text.splitlines(keepends=True)
+            text = "".join((self._prefix if (i or self._at_line_start) else "") + line for i, line in enumerate(lines))
+            if lines:
+                self._at_line_start = lines[-1].endswith("\n")
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class Experiment(Element):
+    """Base class of experiments: subclass it in a project module.
+
+    Override ``on_execute`` (and optionally the other ``on_*`` hooks). Inside,
+    ``self.config``, ``self.seed``, ``self.record(...)``, ``self.save_data(...)``
+    are available.
+    """
+
+    _machinable_abstract = True
+    kind = "experiment"
+
+    def __init__(self, config: dict[str, Any] | None = None, *, module: str | None = None, project: Any = None,
+                 seed: int | None = None, storage: Storage | None = None) -> None:
+        super().__init__(config, module=module, project=project)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(f"Invalid seed {seed!r}: a seed is an int.")
+        self._seed = seed if seed is not None else new_seed()
+        self._storage = storage
+        self._timestamp = datetime.now(timezone.utc)
+        self._closure: Closure | None = None
+        self._record: dict[str, Any] | None = None
+        self._code_hash: str | None = None
+        self._execution_info: dict[str, Any] | None = None
+
+    # --- identity ----------------------------------------------------------------
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            self._storage = Storage.current()
+        return self._storage
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @property
+    def timestamp(self) -> datetime:
+        return self._timestamp
+
+    @property
+    def config_hash(self) -> str:
+        if self._record is not None:
+            return self._record["config_hash"]
+        return config_hash_of(self.module, self._config)
+
+    @property
+    def closure(self) -> Closure:
+        if self._closure is None:
+            entry = self.project.module_file(self.module)
+            if self.module.startswith("machinable."):
+                root = Path(entry).parents[len(self.module.split(".")) - 1]
+            else:
+                root = self.project.path
+            self._closure = closure_of(root, entry, exclude=(self.storage.root,))
+        return self._closure
+
+    @property
+    def code_hash(self) -> str:
+        if self._code_hash is None:
+            self._code_hash = self._record["code_hash"] if self._record is not None else self.closure.code_hash
+        return self._code_hash
+
+    @property
+    def experiment_id(self) -> str:
+        if self._record is not None:
+            return self._record["id"]
+        return experiment_id_of(self.config_hash, self.code_hash, self._seed)
+
+    id = experiment_id
+
+    @property
+    def short_id(self) -> str:
+        return self.experiment_id[:SHORT]
+
+    @property
+    def directory(self) -> Path:
+        return self.storage.directory(self.experiment_id)
+
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(self.directory)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.short_id} {self.module} ({self.state})>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Experiment) and other.experiment_id == self.experiment_id
+
+    def __hash__(self) -> int:
+        return hash(self.experiment_id)
+
+    # --- lookup / restore ---------------------------------------------------------
+
+    @classmethod
+    def restore(cls, storage: Storage, experiment_id: str, *, element_class: type | None = None, project: Any = None) -> "Experiment":
+        """An experiment object for a stored record.
+
+        Without ``element_class`` no user code is imported: the config is a
+        read-only view of the stored values (enough to inspect, diff, list).
+        """
+        directory = storage.directory(experiment_id)
+        try:
+            record = read_json(directory / "experiment.json")
+        except FileNotFoundError:
+            raise StorageError(f"Experiment {experiment_id} has no experiment.json in {directory}.") from None
+        target = element_class or Experiment
+        obj = target.__new__(target)
+        from machinable.project import Project
+
+        obj.project = project or Project.get()
+        obj.module = record["module"]
+        obj._seed = int(record["seed"])
+        obj._storage = storage
+        obj._timestamp = datetime.fromisoformat(record["timestamp"])
+        obj._closure = None
+        obj._record = record
+        obj._code_hash = record["code_hash"]
+        obj._execution_info = None
+        if element_class is not None:
+            try:
+                obj._config = make_config(config_class(element_class), record["config"], where=record["module"])
+            except ConfigError:
+                obj._config = ConfigView(record["config"])
+        else:
+            obj._config = ConfigView(record["config"])
+        return obj
+
+    def _runnable(self) -> "Experiment":
+        """This experiment as an instance of its module's class (imports user code)."""
+        if type(self) is not Experiment:
+            return self
+        cls = self.project.element_class(self.module, Experiment)
+        return Experiment.restore(self.storage, self.experiment_id, element_class=cls, project=self.project)
+
+    @property
+    def stale_siblings(self) -> list["Experiment"]:
+        """Experiments with this config but another code hash (older code)."""
+        if not self.storage.root.is_dir():
+            return []
+        rows = self.storage.fresh_index().with_config(self.config_hash)
+        return [
+            Experiment.restore(self.storage, row["id"])
+            for row in rows
+            if row["code_hash"] != self.code_hash and self.storage.directory(row["id"]).is_dir()
+        ]
+
+    def replicate(self) -> "Experiment":
+        """A new experiment with the same config (and code): new seed, new id."""
+        cls = type(self) if type(self) is not Experiment else self.project.element_class(self.module, Experiment)
+        config = self._config.as_dict() if hasattr(self._config, "as_dict") else dict(self._config)
+        return cls(config, module=self.module, project=self.project, storage=self.storage)
+
+    def replicates(self) -> list["Experiment"]:
+        """Every stored experiment with this config hash (any seed), newest first."""
+        if not self.storage.root.is_dir():
+            return []
+        rows = self.storage.fresh_index().with_config(self.config_hash)
+        return [Experiment.restore(self.storage, r["id"]) for r in rows if self.storage.directory(r["id"]).is_dir()]
+
+    # --- state --------------------------------------------------------------------
+
+    def is_committed(self) -> bool:
+        return self._record is not None or (self.directory / "experiment.json").exists()
+
+    @property
+    def state(self) -> str:
+        """created (or 'new' if not stored yet), dispatched, running, finished, failed, interrupted."""
+        if not self.is_committed():
+            return "new"
+        return self.ledger.state()
+
+    def is_finished(self) -> bool:
+        return self.is_committed() and self.ledger.state(check_claim=False) == "finished"
+
+    def is_failed(self) -> bool:
+        return self.state == "failed"
+
+    def is_started(self) -> bool:
+        return self.is_committed() and self.ledger.attempts() > 0
+
+    def is_active(self) -> bool:
+        return self.state == "running"
+
+    def events(self) -> list[dict[str, Any]]:
+        return self.ledger.events() if self.is_committed() else []
+
+    # --- storing ------------------------------------------------------------------
+
+    def commit(self) -> "Experiment":
+        """Write the record (idempotent). Launch does this for you."""
+        if self._record is not None:
+            return self
+        storage = self.storage
+        directory = self.directory
+        if (directory / "experiment.json").exists():
+            self._load_record()
+            return self
+        storage.ensure_writable()
+        closure = self.closure
+        experiment_id = self.experiment_id
+        self.on_create()
+        from machinable import environment, git
+
+        record = {
+            "id": experiment_id,
+            "module": self.module,
+            "config": self.config_json(),
+            "config_hash": self.config_hash,
+            "code_hash": closure.code_hash,
+            "seed": self._seed,
+            "timestamp": self._timestamp.isoformat(),
+            "algorithm": "xxh3-128",
+            "project": str(self.project.path),
+        }
+        for path, info in closure.files.items():
+            put_object(storage.root, info.raw, info.source)
+        git_info, git_diff = git.capture(self.project.path, exclude=[storage.root])
+        tmp = make_temp_dir(storage.root)
+        try:
+            write_json(tmp / "experiment.json", record)
+            write_json(tmp / "code.json", closure.as_json())
+            write_json(tmp / "git.json", git_info)
+            if git_diff:
+                atomic_write(tmp / "git.diff", git_diff)
+            write_json(tmp / "env.json", environment.capture(closure.third_party))
+            Ledger(tmp).append("created", sync=False)
+            index = storage.index
+            index.upsert(storage_row(record, git_info, "created"))
+            before = index.fresh_mtime()
+            publish_dir(tmp, directory)
+            index.note_published(before)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._record = record
+        return self
+
+    def _load_record(self) -> None:
+        self._record = read_json(self.directory / "experiment.json")
+        self._timestamp = datetime.fromisoformat(self._record["timestamp"])
+
+    # --- launching ----------------------------------------------------------------
+
+    def launch(self) -> "Experiment":
+        """Run the experiment through the active execution (in-process by default).
+
+        Finished: nothing happens. Failed or interrupted: resumes in place.
+        Inside ``with execution:`` the launch is queued and dispatched when
+        the block exits.
+        """
+        from machinable.execution import Execution
+
+        execution = Element.current(Execution)
+        if execution is None:
+            from machinable.executions.local import Local
+
+            execution = Local()
+        execution.add(self)
+        return self
+
+    def __call__(self) -> str:
+        """Execute now, in this process (what executions call). Returns the state."""
+        return self._runnable()._execute()
+
+    def __reduce__(self) -> Any:
+        # Experiments travel to workers by address, not by value: the worker
+        # reloads the record and imports the module from the project.
+        return (_restore_for_execution, (str(self.project.path), str(self.storage.root), self.experiment_id, self._execution_info))
+
+    def _check_code_unchanged(self) -> None:
+        current = closure_of(self.project.path, self.project.module_file(self.module), exclude=(self.storage.root,)) if not self.module.startswith("machinable.") else None
+        if current is not None and current.code_hash != self.code_hash:
+            recorded = read_json(self.directory / "code.json").get("files", {})
+            changed = sorted(
+                set(recorded) ^ set(current.files)
+                | {p for p in recorded if p in current.files and recorded[p]["normalized"] != current.files[p].normalized}
+            )
+            raise CodeChangedError(
+                f"Experiment {self.short_id} ({self.module}) cannot resume: its code changed since it was created "
+                f"(changed: {', '.join(changed) or 'import closure'}). Resuming would mix code versions. "
+                f"Restore the code, or start a new experiment with get.new({self.module!r}, ...) / `--force-new`."
+            )
+
+    def _execute(self) -> str:
+        self.commit()
+        directory, ledger = self.directory, self.ledger
+        claim = Claim(directory)
+        waited_since: float | None = None
+        delay = 0.02
+        while True:
+            if ledger.state(check_claim=False) == "finished":
+                _seal(directory)
+                return "finished"
+            if claim.try_acquire():
+                break
+            if waited_since is None:
+                waited_since = time.time()
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+        try:
+            events = ledger.events()
+            state = ledger.state(events, check_claim=False)
+            if state == "finished":
+                _seal(directory)
+                return "finished"
+            last = ledger.last(events)
+            if waited_since is not None and state == "failed" and last and _after(last.get("time"), waited_since):
+                return "failed"  # the run we waited for failed: do not rerun it unasked
+            self._check_code_unchanged()
+            return self._run_claimed(ledger, claim, len([e for e in events if e.get("event") == "started"]) + 1, state)
+        finally:
+            claim.release()
+
+    def _run_claimed(self, ledger: Ledger, claim: Claim, attempt: int, previous: str) -> str:
+        storage = self.storage
+        ledger.repair()
+        if previous == "running":
+            ledger.append("interrupted", reason="the process running it stopped without finishing")
+        ledger.append("started", attempt=attempt, execution=self._execution_info)
+        _set_state(storage, self.experiment_id, "running", started=_now())
+        claim.start_heartbeat()
+        log = open(self.directory / "output.log", "a", encoding="utf-8", errors="replace")
+        if attempt > 1:
+            log.write(f"--- attempt {attempt} ({_now()}) ---\n")
+        prefix = os.environ.get("MACHINABLE_OUTPUT_PREFIX", "")
+        stdout, stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(stdout, log, prefix), _Tee(stderr, log, prefix)
+        try:
+            try:
+                self.on_before_execute()
+                result = self.on_execute()
+                saved = self._save_result(result)
+                self.on_success()
+                self.on_after_execute()
+            except (KeyboardInterrupt, SystemExit) as e:
+                traceback.print_exc()
+                ledger.append("interrupted", reason=type(e).__name__, attempt=attempt)
+                _set_state(storage, self.experiment_id, "interrupted")
+                raise
+            except BaseException as e:
+                text = traceback.format_exc()
+                sys.stderr.write(text)
+                try:
+                    self.on_failure(e)
+                    self.on_after_execute()
+                except Exception:
+                    sys.stderr.write(traceback.format_exc())
+                ledger.append("failed", attempt=attempt, error=f"{type(e).__name__}: {e}", traceback=text)
+                _set_state(storage, self.experiment_id, "failed", finished=_now())
+                return "failed"
+        finally:
+            sys.stdout, sys.stderr = stdout, stderr
+            log.close()
+        claim._stop.set()  # no heartbeat may land after the seal
+        if claim._thread is not None:
+            claim._thread.join()
+        ledger.append("finished", attempt=attempt, result=saved)
+        _seal(self.directory)
+        _set_state(storage, self.experiment_id, "finished", finished=_now())
+        return "finished"
+
+    def _save_result(self, result: Any) -> str | None:
+        if result is None:
+            return None
+        try:
+            data = orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError:
+            self.save_data("result.pickle", result)
+            return "pickle"
+        atomic_write(self._data_dir() / "result.json", data)
+        return "json"
+
+    # --- hooks ----------------------------------------------------------------------
+
+    def on_create(self) -> None:
+        """Before the record is first written."""
+
+    def on_before_execute(self) -> None:
+        """Before ``on_execute`` (every attempt)."""
+
+    def on_execute(self) -> Any:
+        """The experiment itself. A returned value is saved as ``result``."""
+
+    def on_success(self) -> None:
+        """After ``on_execute`` returned."""
+
+    def on_failure(self, exception: BaseException) -> None:
+        """After ``on_execute`` raised."""
+
+    def on_after_execute(self) -> None:
+        """After success or failure."""
+
+    # --- outputs --------------------------------------------------------------------
+
+    @property
+    def result(self) -> Any:
+        data = self.directory / "data"
+        if (data / "result.json").exists():
+            return orjson.loads((data / "result.json").read_bytes())
+        if (data / "result.pickle").exists():
+            return self.load_data("result.pickle")
+        return None
+
+    def output(self) -> str:
+        try:
+            return (self.directory / "output.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def record(self, **row: Any) -> None:
+        """Append a row to ``records.jsonl`` (for example one per epoch)."""
+        from machinable.storage import append_line
+
+        try:
+            append_line(self.directory / "records.jsonl", row, what="record", sync=False)
+        except TypeError as e:
+            raise ConfigError(f"record() values must be JSON-serialisable: {e}") from None
+
+    def records(self) -> "Records":
+        from machinable.storage import read_lines
+
+        return Records(read_lines(self.directory / "records.jsonl"))
+
+    def _data_dir(self) -> Path:
+        path = self.directory / "data"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def _data_path(self, name: str) -> Path:
+        base = (self.directory / "data").resolve()
+        path = (base / name).resolve()
+        if not name or path == base or not path.is_relative_to(base):
+            raise ConfigError(f"Invalid data file name {name!r}: it must stay inside the experiment's data/ folder.")
+        return path
+
+    def save_data(self, name: str, value: Any) -> Path:
+        """Save ``value`` as data/<name>: .txt (str), .json, .npy (numpy), .p/.pkl/.pickle, else bytes/str."""
+        path = self._data_path(name)
+        self._data_dir()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            data = orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2)
+        elif suffix == ".npy":
+            import io
+
+            import numpy
+
+            buffer = io.BytesIO()
+            numpy.save(buffer, value, allow_pickle=False)
+            data = buffer.getvalue()
+        elif suffix in (".p", ".pkl", ".pickle"):
+            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        elif isinstance(value, bytes):
+            data = value
+        else:
+            data = str(value).encode()
+        atomic_write(path, data, what=f"data file {name}")
+        return path
+
+    def load_data(self, name: str, default: Any = None) -> Any:
+        """Load data/<name> by extension. Pickle files are trusted input: load only your own."""
+        path = self._data_path(name)
+        if not path.exists():
+            return default
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            return orjson.loads(path.read_bytes())
+        if suffix == ".npy":
+            import numpy
+
+            return numpy.load(path, allow_pickle=False)
+        if suffix in (".p", ".pkl", ".pickle"):
+            with open(path, "rb") as f:
+                return pickle.load(f)  # noqa: S301 - documented: trusted, own files only
+        return path.read_text()
+
+    def seed_everything(self) -> int:
+        """Seed random, numpy and torch (when installed) from ``self.seed``."""
+        import random
+
+        random.seed(self.seed)
+        if "numpy" in sys.modules or _importable("numpy"):
+            import numpy
+
+            numpy.random.seed(self.seed % 2**32)
+        if "torch" in sys.modules:
+            sys.modules["torch"].manual_seed(self.seed)
+        return self.seed
+
+
+class Records(list):  # type: ignore[type-arg]
+    """Rows written with ``record()``."""
+
+    def as_table(self) -> Any:
+        """A pandas DataFrame when pandas is installed, else a printable rich Table."""
+        try:
+            import pandas
+
+            return pandas.DataFrame(list(self))
+        except ImportError:
+            from rich.table import Table
+
+            columns: list[str] = []
+            for row in self:
+                columns.extend(k for k in row if k not in columns)
+            table = Table(*columns)
+            for row in self:
+                table.add_row(*(str(row.get(c, "")) for c in columns))
+            return table
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _after(iso: str | None, since: float) -> bool:
+    if not iso:
+        return False
+    try:
+        return datetime.fromisoformat(iso).timestamp() >= since - 0.001
+    except ValueError:
+        return False
+
+
+def _seal(directory: Path) -> None:
+    if not (directory / MANIFEST).exists():
+        write_manifest(directory)
+        make_read_only(directory)
+
+
+def _set_state(storage: Storage, experiment_id: str, state: str, **times: str) -> None:
+    try:
+        storage.index.set_state(experiment_id, state, **times)
+    except Exception:  # the index is derived: the ledger already holds the truth
+        pass
+
+
+def storage_row(record: dict[str, Any], git_info: dict[str, Any], state: str) -> dict[str, Any]:
+    from machinable.config import flatten
+
+    return {
+        "id": record["id"],
+        "module": record["module"],
+        "config_hash": record["config_hash"],
+        "code_hash": record["code_hash"],
+        "seed": str(record["seed"]),
+        "state": state,
+        "created": record["timestamp"],
+        "started": None,
+        "finished": None,
+        "git_commit": git_info.get("commit"),
+        "execution": None,
+        "config": orjson.dumps(record["config"]).decode(),
+        "flat_config": flatten(record["config"]),
+    }
+
+
+def _restore_for_execution(project_root: str, storage_root: str, experiment_id: str, execution: Any) -> Experiment:
+    from machinable.project import Project
+
+    project = Project(project_root)
+    storage = Storage.at(storage_root)
+    cls = project.element_class(Experiment.restore(storage, experiment_id, project=project).module, Experiment)
+    obj = Experiment.restore(storage, experiment_id, element_class=cls, project=project)
+    obj._execution_info = execution
+    return obj
+
+
+# --- get ---------------------------------------------------------------------------
+
+
+def _resolve(module: str, config: dict[str, Any] | None, seed: int | None, project: Any, storage: Storage | None) -> Element:
+    from machinable.project import Project
+
+    project = project or Project.get()
+    cls = project.element_class(module)
+    name = project.normalize_name(module)
+    if not issubclass(cls, Experiment):
+        if seed is not None:
+            raise ConfigError(f"{name!r} is not an experiment; it takes no seed.")
+        return cls(config, module=name, project=project)
+    return cls(config, module=name, project=project, seed=seed, storage=storage)
+
+
+class _Get:
+    """``get(module, config)``: get-or-create; ``get.new(...)``: always a new one."""
+
+    def __call__(self, module: str, config: dict[str, Any] | None = None, *, seed: int | None = None,
+                 project: Any = None, storage: Storage | None = None) -> Any:
+        element = _resolve(module, config, seed, project, storage)
+        if not isinstance(element, Experiment):
+            return element
+        if seed is not None:
+            if element.is_committed():
+                element._load_record()
+            return element
+        existing = _newest(element)
+        return existing if existing is not None else element
+
+    def new(self, module: str, config: dict[str, Any] | None = None, *, seed: int | None = None,
+            project: Any = None, storage: Storage | None = None) -> Any:
+        return _resolve(module, config, seed, project, storage)
+
+    def all(self, module: str | None = None, **config: Any) -> list[Experiment]:
+        """Every stored experiment (of ``module`` and matching config values), newest first."""
+        return list(Storage.current().find(module, **config))
+
+
+def _newest(element: Experiment) -> Experiment | None:
+    storage = element.storage
+    if not storage.root.is_dir():
+        return None
+    index = storage.fresh_index()
+    found = index.newest(element.config_hash, element.code_hash)
+    if found is None or not storage.directory(found).is_dir():
+        return None
+    restored = Experiment.restore(storage, found, element_class=type(element), project=element.project)
+    restored._closure = element._closure
+    return restored
+
+
+get = _Get()

@@ -1,0 +1,221 @@
+"""Git metadata: a fast path that reads ``.git`` directly, GitPython for the rest.
+
+GitPython is imported here only, and only when a diff, the untracked files or
+a worktree are needed, so ``machinable --help`` and read-only commands never
+pay for it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Head:
+    git_dir: Path  # the worktree's own git dir
+    common_dir: Path  # where refs and objects live
+    worktree: Path
+    commit: str | None
+    branch: str | None
+
+
+def find_git_dir(start: Path) -> tuple[Path, Path] | None:
+    """(worktree root, git dir) for ``start`` or one of its parents."""
+    for directory in (start, *start.parents):
+        dot_git = directory / ".git"
+        if dot_git.is_dir():
+            return directory, dot_git
+        if dot_git.is_file():  # a linked worktree or submodule: "gitdir: <path>"
+            text = dot_git.read_text().strip()
+            if text.startswith("gitdir:"):
+                git_dir = Path(text.split(":", 1)[1].strip())
+                if not git_dir.is_absolute():
+                    git_dir = (directory / git_dir).resolve()
+                return directory, git_dir
+    return None
+
+
+def _read_ref(common_dir: Path, git_dir: Path, ref: str) -> str | None:
+    for base in (git_dir, common_dir):
+        path = base / ref
+        if path.is_file():
+            value = path.read_text().strip()
+            if value.startswith("ref:"):
+                return _read_ref(common_dir, git_dir, value[4:].strip())
+            return value or None
+    packed = common_dir / "packed-refs"
+    if packed.is_file():
+        for line in packed.read_text().splitlines():
+            if line and line[0] not in "#^":
+                sha, _, name = line.partition(" ")
+                if name == ref:
+                    return sha
+    return None
+
+
+def read_head(start: Path) -> Head | None:
+    """HEAD commit and branch without starting a process (sub-millisecond)."""
+    found = find_git_dir(start.resolve())
+    if found is None:
+        return None
+    worktree, git_dir = found
+    common_dir = git_dir
+    common_file = git_dir / "commondir"
+    if common_file.is_file():
+        common_dir = (git_dir / common_file.read_text().strip()).resolve()
+    head = (git_dir / "HEAD").read_text().strip()
+    if head.startswith("ref:"):
+        ref = head[4:].strip()
+        branch = ref[len("refs/heads/"):] if ref.startswith("refs/heads/") else ref
+        commit = _read_ref(common_dir, git_dir, ref)
+    else:
+        branch, commit = None, head
+    return Head(git_dir=git_dir, common_dir=common_dir, worktree=worktree, commit=commit, branch=branch)
+
+
+def _repo(worktree: Path) -> Any:
+    import git  # GitPython, lazily
+
+    return git.Repo(worktree)
+
+
+def _remote_url(common_dir: Path) -> str | None:
+    config = common_dir / "config"
+    if not config.is_file():
+        return None
+    section = None
+    for line in config.read_text(errors="replace").splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == '[remote "origin"]' and line.startswith("url"):
+            return line.split("=", 1)[1].strip()
+    return None
+
+
+def capture(start: Path, exclude: list[Path] | None = None) -> tuple[dict[str, Any], bytes]:
+    """git.json content and the binary-safe diff of all uncommitted changes.
+
+    The diff includes untracked (not ignored) files' content: it is taken
+    against HEAD from a temporary copy of the index to which every change has
+    been added, so the real index is never touched.
+    """
+    head = read_head(start)
+    if head is None:
+        return {"repository": False, "note": "not inside a git repository"}, b""
+    repo = _repo(head.worktree)
+    excludes = []
+    for path in exclude or []:
+        try:
+            rel = Path(path).resolve().relative_to(head.worktree.resolve())
+        except ValueError:
+            continue
+        if rel.parts:
+            excludes.append(f":(exclude){rel.as_posix()}")
+    status = repo.git.status("--porcelain=v1", "-z", "--untracked-files=all", "--", ".", *excludes)
+    changed, untracked = _parse_status(status)
+    diff = b""
+    if changed or untracked:
+        diff = _full_diff(repo, head, excludes)
+    info = {
+        "repository": True,
+        "worktree": str(head.worktree),
+        "commit": head.commit,
+        "branch": head.branch,
+        "remote": _remote_url(head.common_dir),
+        "dirty": bool(changed or untracked),
+        "changed_files": changed,
+        "untracked_files": untracked,
+    }
+    return info, diff
+
+
+def _parse_status(status: str) -> tuple[list[str], list[str]]:
+    changed: list[str] = []
+    untracked: list[str] = []
+    entries = status.split("\0")
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        i += 1
+        if len(entry) < 4:
+            continue
+        code, path = entry[:2], entry[3:]
+        if code == "??":
+            untracked.append(path)
+        else:
+            changed.append(path)
+            if "R" in code or "C" in code:
+                i += 1  # the rename source follows
+    return changed, untracked
+
+
+def _full_diff(repo: Any, head: Head, excludes: list[str]) -> bytes:
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="machinable-index-") as tmp:
+        index = Path(tmp) / "index"
+        real_index = head.git_dir / "index"
+        if real_index.exists():
+            shutil.copyfile(real_index, index)
+        env = {"GIT_INDEX_FILE": str(index)}
+        repo.git.add("-A", "--", ".", *excludes, env=env)
+        against = head.commit or _empty_tree(repo)
+        return repo.git.diff(
+            "--cached", "--binary", "--no-color", "--no-ext-diff", against, env=env, stdout_as_string=False, strip_newline_in_stdout=False
+        )
+
+
+def _empty_tree(repo: Any) -> str:
+    return repo.git.hash_object("-t", "tree", os.devnull)
+
+
+def dirty_files(start: Path, exclude: list[Path] | None = None) -> list[str] | None:
+    """Changed and untracked files, or None outside a repository."""
+    info, _ = capture(start, exclude)
+    if not info.get("repository"):
+        return None
+    return [*info["changed_files"], *info["untracked_files"]]
+
+
+def create_worktree(repo_dir: Path, commit: str, target: Path) -> None:
+    repo = _repo(repo_dir)
+    repo.git.worktree("add", "--detach", str(target), commit)
+
+
+def remove_worktree(repo_dir: Path, target: Path) -> None:
+    repo = _repo(repo_dir)
+    try:
+        repo.git.worktree("remove", "--force", str(target))
+    except Exception:
+        import shutil
+
+        shutil.rmtree(target, ignore_errors=True)
+        repo.git.worktree("prune")
+
+
+def apply_diff(worktree: Path, diff: bytes) -> None:
+    if not diff.strip():
+        return
+    import subprocess
+
+    proc = subprocess.run(
+        ["git", "apply", "--binary", "--whitespace=nowarn", "-"], cwd=worktree, input=diff, capture_output=True
+    )
+    if proc.returncode != 0:
+        from machinable.errors import GitError
+
+        raise GitError(f"Could not apply the recorded uncommitted diff in {worktree}: {proc.stderr.decode(errors='replace').strip()}")
+
+
+def commit_exists(repo_dir: Path, commit: str) -> bool:
+    repo = _repo(repo_dir)
+    try:
+        repo.git.cat_file("-e", f"{commit}^{{commit}}")
+        return True
+    except Exception:
+        return False

@@ -1,0 +1,559 @@
+"""Storage: the experiment directories (the source of truth) and how they are
+written: atomic files, an append-only event ledger, run-once claims, MANIFESTs.
+
+Layout, one directory per experiment under the storage root::
+
+    <id>/experiment.json code.json git.json git.diff env.json
+        events.jsonl output.log records.jsonl data/ MANIFEST .claim
+    .objects/<2 hex>/<30 hex>    content-addressed source objects
+    index.sqlite                 derived index (see ``machinable.index``)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from machinable.errors import StorageError, StorageFormatError
+
+FORMAT = 1
+MANIFEST = "MANIFEST"
+CLAIM = ".claim"
+TMP = ".tmp"
+OBJECTS = ".objects"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _storage_error(e: OSError, what: str, path: Path | str) -> StorageError:
+    if e.errno == errno.ENOSPC:
+        return StorageError(f"No space left on device while writing {what} ({path}). Free space and launch again: the experiment resumes.")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StorageError(f"Storage is not writable: cannot write {what} ({path}): {e.strerror}. Choose a writable storage with MACHINABLE_STORAGE or --storage.")
+    return StorageError(f"Could not write {what} ({path}): {e}")
+
+
+def fsync_enabled() -> bool:
+    return os.environ.get("MACHINABLE_FSYNC", "1") not in ("0", "false", "no")
+
+
+def atomic_write(path: Path, data: bytes, *, what: str | None = None) -> None:
+    """Write ``data`` to ``path`` via temp file, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if fsync_enabled():
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise _storage_error(e, what or path.name, path) from e
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    atomic_write(path, orjson.dumps({"format": FORMAT, **document}, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise
+    except orjson.JSONDecodeError as e:
+        raise StorageFormatError(f"{path} is damaged (not valid JSON: {e}). Run `machinable verify` for details.") from None
+    if not isinstance(data, dict):
+        raise StorageFormatError(f"{path} is damaged (expected a JSON object).")
+    fmt = data.get("format")
+    if not isinstance(fmt, int) or fmt > FORMAT:
+        raise StorageFormatError(
+            f"{path} has storage format {fmt!r}, but this machinable reads format <= {FORMAT}. Upgrade machinable to read it."
+        )
+    return data
+
+
+def append_line(path: Path, row: dict[str, Any], *, what: str = "event", sync: bool = True) -> None:
+    """Append one JSON line with a single write, so readers never see half."""
+    line = orjson.dumps(row) + b"\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, line)
+            if sync and fsync_enabled():
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _storage_error(e, what, path) from e
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; a torn (unterminated) last line is ignored."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in data.split(b"\n")[:-1] if data else []:
+        if not line.strip():
+            continue
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def repair_torn_tail(path: Path) -> bool:
+    """Cut an unterminated last line (left by a crash mid-append)."""
+    try:
+        with open(path, "r+b") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size == 0:
+                return False
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return False
+            f.seek(0)
+            data = f.read()
+            f.truncate(data.rfind(b"\n") + 1)
+            return True
+    except FileNotFoundError:
+        return False
+
+
+# --- objects -----------------------------------------------------------------
+
+
+def object_path(root: Path, tagged_digest: str) -> Path:
+    hexd = tagged_digest.split(":", 1)[1]
+    return root / OBJECTS / hexd[:2] / hexd[2:]
+
+
+def put_object(root: Path, tagged_digest: str, data: bytes) -> None:
+    path = object_path(root, tagged_digest)
+    if path.exists():
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _storage_error(e, "source object", path) from e
+    atomic_write(path, data, what="source object")
+
+
+def get_object(root: Path, tagged_digest: str) -> bytes | None:
+    try:
+        return object_path(root, tagged_digest).read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+# --- claims ------------------------------------------------------------------
+
+
+def heartbeat_timeout() -> float:
+    try:
+        return float(os.environ.get("MACHINABLE_HEARTBEAT_TIMEOUT", "60"))
+    except ValueError:
+        return 60.0
+
+
+class Claim:
+    """The right to execute one experiment, held as a ``flock`` on ``.claim``.
+
+    The kernel (or the NFS lock manager) drops the lock when its holder dies,
+    so a killed run never blocks its resumption. ``flock`` (not ``lockf``)
+    because its locks belong to the open file, so a status probe in the
+    holding process cannot release the claim by closing another descriptor;
+    Linux maps it onto NFS byte-range locks on shared file systems. While held, a heartbeat
+    thread refreshes the claim file's mtime; a lock whose heartbeat is older
+    than ``MACHINABLE_HEARTBEAT_TIMEOUT`` (a frozen or partitioned holder) may
+    be taken over, and its holder notices on its next beat.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / CLAIM
+        self.fd: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def try_acquire(self) -> bool:
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise _storage_error(e, "claim", self.path) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            if self._heartbeat_is_stale():
+                return self._take_over()
+            return False
+        if os.fstat(fd).st_ino != _inode(self.path):  # replaced meanwhile
+            os.close(fd)
+            return False
+        self._own(fd)
+        return True
+
+    def _heartbeat_is_stale(self) -> bool:
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return age > heartbeat_timeout()
+
+    def _take_over(self) -> bool:
+        import fcntl
+
+        guard_path = self.directory / ".claim.takeover"
+        guard = os.open(guard_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            if not self._heartbeat_is_stale():
+                return False
+            fresh = self.directory / f".claim.{uuid.uuid4().hex[:8]}"
+            fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.replace(fresh, self.path)
+            self._own(fd)
+            return True
+        finally:
+            os.close(guard)
+
+    def _own(self, fd: int) -> None:
+        self.fd = fd
+        info = orjson.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": now_iso()})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+        os.utime(self.path)
+
+    def start_heartbeat(self, interval: float | None = None) -> None:
+        interval = interval or max(0.5, min(10.0, heartbeat_timeout() / 4))
+        self._thread = threading.Thread(target=self._beat, args=(interval,), name="machinable-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            if self.fd is None:
+                return
+            try:
+                if os.fstat(self.fd).st_ino != _inode(self.path):
+                    self.lost = True
+                    return
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+
+def _inode(path: Path) -> int:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return -1
+
+
+def claim_is_held(directory: Path) -> bool:
+    """True while some live process holds the experiment's claim."""
+    import fcntl
+
+    path = directory / CLAIM
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        # a shared lock conflicts with the holder's exclusive lock
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            return time.time() - path.stat().st_mtime <= heartbeat_timeout()
+        except FileNotFoundError:
+            return False
+    finally:
+        os.close(fd)
+    return False
+
+
+# --- MANIFEST and sealing ----------------------------------------------------
+
+_UNSEALED = {CLAIM, ".claim.takeover", MANIFEST}
+
+
+def manifest_files(directory: Path) -> Iterator[Path]:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name not in _UNSEALED and not path.name.startswith(".claim."):
+            rel = path.relative_to(directory)
+            if rel.parts[0] == "reproductions":
+                continue  # added after sealing, by design
+            yield path
+
+
+def write_manifest(directory: Path) -> None:
+    from machinable.hashing import ALGORITHM, file_digest
+
+    files = {p.relative_to(directory).as_posix(): file_digest(p) for p in manifest_files(directory)}
+    write_json(directory / MANIFEST, {"algorithm": ALGORITHM, "files": files, "sealed": now_iso()})
+
+
+def make_read_only(directory: Path) -> None:
+    for path in sorted(directory.rglob("*"), reverse=True):
+        if path.name in (CLAIM, ".claim.takeover") or path.relative_to(directory).parts[0] == "reproductions":
+            continue
+        mode = path.lstat().st_mode
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            os.chmod(path, stat.S_IMODE(mode) & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def verify_manifest(directory: Path) -> list[str]:
+    """Problems of a sealed directory, one line each (empty when intact)."""
+    from machinable.hashing import file_digest
+
+    problems: list[str] = []
+    try:
+        manifest = read_json(directory / MANIFEST)
+    except FileNotFoundError:
+        return [f"{directory.name}/MANIFEST: missing (record finished but not sealed)"]
+    except StorageError as e:
+        return [f"{directory.name}/MANIFEST: {e}"]
+    listed = manifest.get("files", {})
+    for rel, expected in sorted(listed.items()):
+        path = directory / rel
+        if not path.is_file():
+            problems.append(f"{directory.name}/{rel}: missing")
+        elif file_digest(path) != expected:
+            problems.append(f"{directory.name}/{rel}: content changed (digest differs from MANIFEST)")
+    for path in manifest_files(directory):
+        rel = path.relative_to(directory).as_posix()
+        if rel not in listed:
+            problems.append(f"{directory.name}/{rel}: not in MANIFEST (added after sealing)")
+    return problems
+
+
+def make_temp_dir(root: Path) -> Path:
+    tmp_root = root / TMP
+    try:
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        path = tmp_root / uuid.uuid4().hex
+        path.mkdir()
+    except OSError as e:
+        raise _storage_error(e, "experiment directory", root) from e
+    return path
+
+
+def publish_dir(tmp: Path, target: Path) -> bool:
+    """Rename a fully written temp directory into place; False if it exists."""
+    try:
+        os.rename(tmp, target)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        raise _storage_error(e, "experiment directory", target) from e
+
+
+# --- the Storage element -------------------------------------------------------
+
+from machinable.element import Element  # noqa: E402
+
+_instances: dict[Path, "Storage"] = {}
+
+
+class Storage(Element):
+    """Where experiments are stored; use ``get('machinable.storage', {...})`` as a context.
+
+    The default is ``$MACHINABLE_STORAGE`` or ``<project>/storage``.
+    """
+
+    class Config:
+        directory: str = ""
+
+    def __init__(self, config: dict[str, Any] | None = None, *, module: str | None = None, project: Any = None) -> None:
+        super().__init__(config, module=module or "machinable.storage", project=project)
+        directory = self.config.directory or os.environ.get("MACHINABLE_STORAGE") or "storage"
+        path = Path(directory).expanduser()
+        if not path.is_absolute():
+            path = self.project.path / path
+        self.root = Path(os.path.abspath(path))
+        self._index: Any = None
+
+    def __repr__(self) -> str:
+        return f"Storage({str(self.root)!r})"
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str]) -> "Storage":
+        """The (cached) storage at an explicit folder."""
+        path = Path(os.path.abspath(Path(root).expanduser()))
+        existing = _instances.get(path)
+        if existing is None:
+            existing = cls({"directory": str(path)})
+            _instances[path] = existing
+        return existing
+
+    @classmethod
+    def current(cls) -> "Storage":  # type: ignore[override]
+        active = Element.current(Storage)
+        if active is not None:
+            return active
+        from machinable.project import Project
+
+        directory = os.environ.get("MACHINABLE_STORAGE") or str(Project.get().path / "storage")
+        return cls.at(directory)
+
+    # --- layout -----------------------------------------------------------------
+
+    def directory(self, experiment_id: str) -> Path:
+        return self.root / experiment_id
+
+    def ensure_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _storage_error(e, "storage folder", self.root) from e
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(
+                f"Storage is not writable: {self.root}. Choose a writable storage with MACHINABLE_STORAGE or --storage."
+            )
+
+    @property
+    def index(self) -> Any:
+        if self._index is None:
+            from machinable.index import Index
+
+            self.ensure_writable()
+            self._index = Index(self.root)
+        return self._index
+
+    def fresh_index(self) -> Any:
+        index = self.index
+        index.ensure_fresh(self.read_row)
+        return index
+
+    def read_row(self, experiment_id: str) -> dict[str, Any] | None:
+        """The index row of one experiment, read from its directory alone."""
+        from machinable.config import flatten
+        from machinable.ledger import Ledger
+
+        directory = self.directory(experiment_id)
+        try:
+            record = read_json(directory / "experiment.json")
+        except (FileNotFoundError, StorageError):
+            return None
+        ledger = Ledger(directory)
+        try:
+            git = read_json(directory / "git.json")
+        except (FileNotFoundError, StorageError):
+            git = {}
+        return {
+            "id": experiment_id,
+            "module": record.get("module", "?"),
+            "config_hash": record.get("config_hash", ""),
+            "code_hash": record.get("code_hash", ""),
+            "seed": str(record.get("seed", "")),
+            "state": ledger.state(check_claim=False),
+            "created": record.get("timestamp", ""),
+            "started": ledger.first_time("started"),
+            "finished": ledger.end_time(),
+            "git_commit": git.get("commit"),
+            "execution": (record.get("execution") or {}).get("module"),
+            "config": orjson.dumps(record.get("config", {})).decode(),
+            "flat_config": flatten(record.get("config", {})),
+        }
+
+    def rebuild_index(self) -> int:
+        return self.index.rebuild(self.read_row)
+
+    # --- lookups ------------------------------------------------------------------
+
+    def resolve(self, prefix: str) -> str:
+        """Full id for a unique id prefix."""
+        from machinable.errors import ExperimentNotFound
+
+        prefix = prefix.strip().lower()
+        if not prefix or not all(c in "0123456789abcdef" for c in prefix):
+            raise ExperimentNotFound(f"Invalid experiment id {prefix!r}: ids are hexadecimal (give any unique prefix).")
+        if len(prefix) == 32 and self.directory(prefix).is_dir():
+            return prefix
+        if not self.root.is_dir():
+            raise ExperimentNotFound(f"No experiment with id {prefix!r}: storage {self.root} is empty.")
+        candidates = [c for c in self.fresh_index().prefix(prefix, limit=11) if self.directory(c).is_dir()]
+        if not candidates:
+            raise ExperimentNotFound(f"No experiment with id {prefix!r} in {self.root}. `machinable list` shows the stored ones.")
+        if len(candidates) > 1:
+            shown = ", ".join(c[:12] for c in candidates[:10])
+            more = " ..." if len(candidates) > 10 else ""
+            raise ExperimentNotFound(f"Experiment id prefix {prefix!r} is ambiguous: it matches {shown}{more}. Give more characters.")
+        return candidates[0]
+
+    def load(self, experiment_id: str) -> Any:
+        """The stored experiment with this id (or unique prefix), for inspection."""
+        from machinable.experiment import Experiment
+
+        return Experiment.restore(self, self.resolve(experiment_id))
+
+    def find(self, module: str | None = None, *, state: str | None = None, since: str | None = None,
+             limit: int | None = None, offset: int = 0, order: str = "newest", **config: Any) -> Any:
+        """Experiments matching module, state and config values, newest first, lazily.
+
+        No silent cap: without ``limit`` every match is returned (streamed).
+        """
+        from machinable.experiment import Experiment
+        from machinable.index import value_key
+
+        if not self.root.is_dir():
+            return iter(())
+        where, params = ["1"], []
+        if module:
+            where.append("module=?")
+            params.append(module)
+        if state:
+            where.append("state=?")
+            params.append(state)
+        if since:
+            where.append("created>=?")
+            params.append(since)
+        for key, value in config.items():
+            where.append("id IN (SELECT id FROM config_values WHERE key=? AND value=?)")
+            params.extend([key, value_key(value)])
+        orders = {"newest": "created DESC", "oldest": "created ASC"}
+        rows = self.fresh_index().iter_query(" AND ".join(where), tuple(params), order=orders[order], limit=limit, offset=offset)
+        return (Experiment.restore(self, row["id"]) for row in rows if self.directory(row["id"]).is_dir())
