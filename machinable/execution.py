@@ -184,7 +184,18 @@ class Execution(Element):
                 report.not_started.append(experiment_id)
 
     def is_submitted(self, experiment: Any) -> bool:
+        """Non-blocking executions: True once ``experiment`` is handed to its scheduler."""
         return False
+
+    @classmethod
+    def reconcile(cls, experiments: list[Any]) -> dict[str, dict[str, Any]]:
+        """Ask the scheduler about dispatched experiments (``machinable status``).
+
+        Returns ``{experiment_id: {"state": ..., "reason": ..., ...}}`` and may
+        append events (for example ``interrupted`` for a vanished job) so that
+        ``launch()`` resubmits. Blocking executions have nothing to reconcile.
+        """
+        return {}
 
     # --- hooks ------------------------------------------------------------------------
 

@@ -1,0 +1,70 @@
+"""Shared fixtures: real projects in temp folders, real git repos, real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO / ".machinable-template"
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
+        env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"},
+    ).stdout
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch):
+    monkeypatch.delenv("MACHINABLE_STORAGE", raising=False)
+    monkeypatch.setenv("MACHINABLE_FSYNC", os.environ.get("MACHINABLE_FSYNC", "1"))
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A fresh project from .machinable-template in a committed git repo; cwd is its root."""
+    root = tmp_path / "project"
+    shutil.copytree(TEMPLATE, root)
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "initial")
+    monkeypatch.chdir(root)
+    from machinable.project import Project
+
+    with Project(root):
+        yield root
+
+
+@pytest.fixture
+def plain_project(tmp_path, monkeypatch):
+    """A project folder from the template, not a git repository."""
+    root = tmp_path / "plain"
+    shutil.copytree(TEMPLATE, root)
+    monkeypatch.chdir(root)
+    from machinable.project import Project
+
+    with Project(root):
+        yield root
+
+
+def run_machinable(cwd: Path, *args: str, env: dict | None = None, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real `machinable` CLI in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "machinable.cli", *args], cwd=cwd, capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=timeout, input=input,
+    )
+
+
+def run_python(cwd: Path, code: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a Python snippet in a fresh interpreter inside the project."""
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=timeout,
+    )
