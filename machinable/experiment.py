@@ -363,12 +363,13 @@ class Experiment(Element):
 
     # --- launching ----------------------------------------------------------------
 
-    def launch(self) -> "Experiment":
+    def launch(self) -> None:
         """Run the experiment through the active execution (in-process by default).
 
         Finished: nothing happens. Failed or interrupted: resumes in place.
         Inside ``with execution:`` the launch is queued and dispatched when
-        the block exits.
+        the block exits. Returns None, so that ``experiment.launch()`` in a
+        REPL shows the experiment's own output and nothing else.
         """
         from machinable.execution import Execution
 
@@ -378,7 +379,6 @@ class Experiment(Element):
 
             execution = Local()
         execution.add(self)
-        return self
 
     def __call__(self) -> str:
         """Execute now, in this process (what executions call). Returns the state."""
