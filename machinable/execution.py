@@ -122,13 +122,14 @@ class Execution(Element):
         report = DispatchReport(execution=self.module)
         todo, seen = [], set()
         for experiment in experiments:
+            if not experiment.is_finished():
+                experiment.commit()  # first: get() may adopt a concurrently created twin (its id)
             if experiment.experiment_id in seen:
                 continue
             seen.add(experiment.experiment_id)
             if experiment.is_finished():
                 report.skipped.append(experiment.experiment_id)
                 continue
-            experiment.commit()
             experiment._runnable()._check_code_unchanged()
             todo.append(experiment)
         self.last_report = report
@@ -136,10 +137,14 @@ class Execution(Element):
             return report
         info = self.describe()
         before = {}
-        for experiment in todo:
+        for experiment in list(todo):
             experiment._execution_info = info
             before[experiment.experiment_id] = experiment.ledger.attempts()
-            experiment.ledger.append("dispatched", execution=info)
+            if not experiment._mark_dispatched(info):  # finished meanwhile, by a concurrent launch
+                todo.remove(experiment)
+                report.skipped.append(experiment.experiment_id)
+        if not todo:
+            return report
         self.experiments = todo
         try:
             self.on_before_dispatch()

@@ -27,17 +27,16 @@ from machinable.errors import CodeChangedError, ConfigError, ModuleNotFound, Sto
 from machinable.hashing import Closure, closure_of, digest, hex_of
 from machinable.ledger import Ledger
 from machinable.storage import (
-    MANIFEST,
     Claim,
     Storage,
     atomic_write,
-    make_read_only,
+    is_sealed,
     make_temp_dir,
     publish_dir,
     put_object,
     read_json,
+    seal,
     write_json,
-    write_manifest,
 )
 
 SHORT = 12
@@ -140,6 +139,7 @@ class Experiment(Element):
         self._record: dict[str, Any] | None = None
         self._code_hash: str | None = None
         self._execution_info: dict[str, Any] | None = None
+        self._adopt_existing = False  # set by get(): see commit()
 
     # --- identity ----------------------------------------------------------------
 
@@ -236,6 +236,7 @@ class Experiment(Element):
         obj._record = record
         obj._code_hash = record["code_hash"]
         obj._execution_info = None
+        obj._adopt_existing = False
         if element_class is not None:
             try:
                 obj._config = make_config(config_class(element_class), record["config"], where=record["module"])
@@ -307,16 +308,35 @@ class Experiment(Element):
     # --- storing ------------------------------------------------------------------
 
     def commit(self) -> "Experiment":
-        """Write the record (idempotent). Launch does this for you."""
+        """Write the record (idempotent). Launch does this for you.
+
+        An experiment made by ``get()`` (get-or-create) re-checks under a lock
+        whether another process created one with the same config and code in
+        the meantime, and becomes that one (its id and seed) if so: N
+        processes calling ``get(m, c).launch()`` at once run one experiment.
+        """
         if self._record is not None:
             return self
         storage = self.storage
-        directory = self.directory
-        if (directory / "experiment.json").exists():
+        if (self.directory / "experiment.json").exists():
             self._load_record()
             return self
         storage.ensure_writable()
         closure = self.closure
+        if not getattr(self, "_adopt_existing", False):
+            self._write_record(closure)
+            return self
+        with storage.lock(f"create-{hex_of(self.config_hash)}"):
+            found = storage.fresh_index().newest(self.config_hash, closure.code_hash)
+            if found is not None and (storage.directory(found) / "experiment.json").exists():
+                self._load_record(found)
+            else:
+                self._write_record(closure)
+        return self
+
+    def _write_record(self, closure: Closure) -> None:
+        storage = self.storage
+        directory = self.directory
         experiment_id = self.experiment_id
         self.on_create()
         from machinable import environment, git
@@ -328,7 +348,7 @@ class Experiment(Element):
             "config_hash": self.config_hash,
             "code_hash": closure.code_hash,
             "seed": self._seed,
-            "timestamp": self._timestamp.isoformat(),
+            "timestamp": self._timestamp.isoformat(timespec="microseconds"),
             "algorithm": "xxh3-128",
             "project": str(self.project.path),
         }
@@ -340,26 +360,37 @@ class Experiment(Element):
             write_json(tmp / "experiment.json", record)
             write_json(tmp / "code.json", closure.as_json())
             write_json(tmp / "git.json", git_info)
-            if git_diff:
-                atomic_write(tmp / "git.diff", git_diff)
+            atomic_write(tmp / "git.diff", git_diff)  # empty for a clean tree
             write_json(tmp / "env.json", environment.capture(closure.third_party))
             Ledger(tmp).append("created", sync=False)
+            for name in ("output.log", "records.jsonl"):
+                atomic_write(tmp / name, b"")
+            (tmp / "data").mkdir()
             index = storage.index
-            index.upsert(storage_row(record, git_info, "created"))
+            row = storage_row(record, git_info, "created")
+            index.upsert(row)  # before the rename: a directory never exists unindexed
             before = index.fresh_mtime()
-            publish_dir(tmp, directory)
-            index.note_published(before)
+            published = publish_dir(tmp, directory)
+            index.note_published(before, row if published else None)
         except BaseException:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._record = record
-        return self
+        if published:
+            self._record = record
+        else:  # the same id (an explicit seed) was stored concurrently: use that record
+            row = storage.read_row(experiment_id)
+            if row is not None:
+                storage.index.upsert(row)
+            self._load_record()
 
-    def _load_record(self) -> None:
-        self._record = read_json(self.directory / "experiment.json")
-        self._timestamp = datetime.fromisoformat(self._record["timestamp"])
+    def _load_record(self, experiment_id: str | None = None) -> None:
+        record = read_json(self.storage.directory(experiment_id or self.experiment_id) / "experiment.json")
+        self._record = record
+        self._seed = int(record["seed"])
+        self._code_hash = record["code_hash"]
+        self._timestamp = datetime.fromisoformat(record["timestamp"])
 
     # --- launching ----------------------------------------------------------------
 
@@ -389,6 +420,26 @@ class Experiment(Element):
         # reloads the record and imports the module from the project.
         return (_restore_for_execution, (str(self.project.path), str(self.storage.root), self.experiment_id, self._execution_info))
 
+    def _mark_dispatched(self, info: dict[str, Any] | None) -> bool:
+        """Append a ``dispatched`` event unless the experiment finished meanwhile.
+
+        Checked under the claim, because the finishing run seals the record
+        while holding it: an event appended after the seal would change a
+        sealed record. False when the experiment is finished.
+        """
+        if is_sealed(self.directory):
+            return False
+        claim = Claim(self.directory)
+        if not claim.try_acquire():
+            return True  # it is running elsewhere right now; that run writes its own events
+        try:
+            if self.ledger.state(check_claim=False) == "finished":
+                return False
+            self.ledger.append("dispatched", execution=info)
+            return True
+        finally:
+            claim.release()
+
     def _check_code_unchanged(self) -> None:
         current = closure_of(self.project.path, self.project.module_file(self.module), exclude=(self.storage.root,)) if not self.module.startswith("machinable.") else None
         if current is not None and current.code_hash != self.code_hash:
@@ -410,8 +461,7 @@ class Experiment(Element):
         waited_since: float | None = None
         delay = 0.02
         while True:
-            if ledger.state(check_claim=False) == "finished":
-                _seal(directory)
+            if is_sealed(directory):
                 return "finished"
             if claim.try_acquire():
                 break
@@ -473,9 +523,14 @@ class Experiment(Element):
         finally:
             sys.stdout, sys.stderr = stdout, stderr
             log.close()
-        claim._stop.set()  # no heartbeat may land after the seal
-        if claim._thread is not None:
-            claim._thread.join()
+        claim.stop_heartbeat()  # no heartbeat may land after the seal
+        if not claim.holds():
+            # our heartbeat went stale (a frozen process) and another launch took over: it owns the record now
+            sys.stderr.write(
+                f"machinable: experiment {self.short_id} was taken over by another launch while this process "
+                "was unresponsive; this attempt's result is discarded.\n"
+            )
+            return "interrupted"
         ledger.append("finished", attempt=attempt, result=saved)
         _seal(self.directory)
         _set_state(storage, self.experiment_id, "finished", finished=_now())
@@ -533,6 +588,7 @@ class Experiment(Element):
         """Append a row to ``records.jsonl`` (for example one per epoch)."""
         from machinable.storage import append_line
 
+        self._check_writable("record()")
         try:
             append_line(self.directory / "records.jsonl", row, what="record", sync=False)
         except TypeError as e:
@@ -542,6 +598,18 @@ class Experiment(Element):
         from machinable.storage import read_lines
 
         return Records(read_lines(self.directory / "records.jsonl"))
+
+    def _check_writable(self, what: str) -> None:
+        if not self.is_committed():
+            raise StorageError(
+                f"{what}: experiment {self.short_id} ({self.module}) is not stored yet; "
+                "call it from on_execute(), or launch() the experiment first."
+            )
+        if is_sealed(self.directory):
+            raise StorageError(
+                f"{what}: experiment {self.short_id} ({self.module}) is finished and its record is sealed (read-only). "
+                "Write records and data from on_execute(), or start a new experiment with replicate()."
+            )
 
     def _data_dir(self) -> Path:
         path = self.directory / "data"
@@ -557,6 +625,7 @@ class Experiment(Element):
 
     def save_data(self, name: str, value: Any) -> Path:
         """Save ``value`` as data/<name>: .txt (str), .json, .npy (numpy), .p/.pkl/.pickle, else bytes/str."""
+        self._check_writable(f"save_data({name!r})")
         path = self._data_path(name)
         self._data_dir()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -652,9 +721,7 @@ def _after(iso: str | None, since: float) -> bool:
 
 
 def _seal(directory: Path) -> None:
-    if not (directory / MANIFEST).exists():
-        write_manifest(directory)
-        make_read_only(directory)
+    seal(directory)
 
 
 def _set_state(storage: Storage, experiment_id: str, state: str, **times: str) -> None:
@@ -724,7 +791,10 @@ class _Get:
                 element._load_record()
             return element
         existing = _newest(element)
-        return existing if existing is not None else element
+        if existing is not None:
+            return existing
+        element._adopt_existing = True
+        return element
 
     def new(self, module: str, config: dict[str, Any] | None = None, *, seed: int | None = None,
             project: Any = None, storage: Storage | None = None) -> Any:

@@ -100,14 +100,21 @@ def _imports_of(tree: ast.AST) -> list[tuple[str, int]]:
 
 _file_cache: dict[str, tuple[tuple[int, int, int], SourceFile]] = {}
 
+# A file modified this recently may be modified again within the same
+# timestamp tick (coarse kernel clocks, NFS), leaving its stat unchanged: such
+# "racy" files are re-read rather than trusted from the cache (as git does).
+RACY_SECONDS = 2.0
+
 
 def read_source_file(path: Path) -> SourceFile:
     """Digest a file, reusing the result while its stat is unchanged."""
+    import time
+
     key = str(path)
     st = path.stat()
     stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
     cached = _file_cache.get(key)
-    if cached is not None and cached[0] == stamp:
+    if cached is not None and cached[0] == stamp and time.time() - st.st_mtime > RACY_SECONDS:
         return cached[1]
     source = path.read_bytes()
     try:

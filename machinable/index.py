@@ -128,20 +128,24 @@ class Index:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            for row in rows:
-                db.execute(
-                    f"INSERT OR REPLACE INTO experiments ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
-                    tuple(row.get(c) for c in COLUMNS),
-                )
-                db.execute("DELETE FROM config_values WHERE id=?", (row["id"],))
-                db.executemany(
-                    "INSERT OR IGNORE INTO config_values VALUES (?, ?, ?)",
-                    [(row["id"], k, value_key(v)) for k, v in (row.get("flat_config") or {}).items()],
-                )
+            self._write_rows(db, rows)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _write_rows(db: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            db.execute(
+                f"INSERT OR REPLACE INTO experiments ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
+                tuple(row.get(c) for c in COLUMNS),
+            )
+            db.execute("DELETE FROM config_values WHERE id=?", (row["id"],))
+            db.executemany(
+                "INSERT OR IGNORE INTO config_values VALUES (?, ?, ?)",
+                [(row["id"], k, value_key(v)) for k, v in (row.get("flat_config") or {}).items()],
+            )
 
     def set_state(self, experiment_id: str, state: str, **times: str | None) -> None:
         sets = ["state=?"] + [f"{k}=?" for k in times]
@@ -154,16 +158,37 @@ class Index:
         db.execute("DELETE FROM config_values WHERE id=?", (experiment_id,))
         db.execute("COMMIT")
 
-    def note_published(self, before: int | None) -> None:
-        """After publishing a directory: keep the index 'fresh' if it was."""
-        if before is None:
-            return
+    def note_published(self, before: int | None, row: dict[str, Any] | None = None) -> None:
+        """After publishing a directory: make sure its row is there, and keep the
+        index 'fresh' if it was.
+
+        A sync in another process may have dropped the row in the moment
+        between the row's insertion and the directory's rename; both that
+        sync's deletions and this check run in one write transaction each, so
+        one of them sees the directory.
+        """
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
         try:
-            after = self.root.stat().st_mtime_ns
-        except OSError:
-            return
-        self.db.execute("UPDATE meta SET value=? WHERE key='root_mtime' AND value=?", (str(after), str(before)))
-        self._synced_mtime = after
+            if row is not None and db.execute("SELECT 1 FROM experiments WHERE id=?", (row["id"],)).fetchone() is None:
+                self._write_rows(db, [row])
+            updated = 0
+            after = None
+            if before is not None:
+                try:
+                    after = self.root.stat().st_mtime_ns
+                except OSError:
+                    after = None
+            if after is not None:
+                updated = db.execute(
+                    "UPDATE meta SET value=? WHERE key='root_mtime' AND value=?", (str(after), str(before))
+                ).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if updated:
+            self._synced_mtime = after
 
     # --- freshness ------------------------------------------------------------------
 
@@ -211,10 +236,18 @@ class Index:
         if batch:
             self.upsert_many(batch)
             added += len(batch)
-        for experiment_id in gone:
-            if not (self.root / experiment_id).exists():
-                self.delete(experiment_id)
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('root_mtime', ?)", (str(before),))
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")  # one transaction: see note_published
+        try:
+            for experiment_id in gone:
+                if not (self.root / experiment_id).exists():
+                    db.execute("DELETE FROM experiments WHERE id=?", (experiment_id,))
+                    db.execute("DELETE FROM config_values WHERE id=?", (experiment_id,))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('root_mtime', ?)", (str(before),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         self._synced_mtime = before
         return added, len(gone)
 

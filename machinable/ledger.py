@@ -55,6 +55,9 @@ class Ledger:
         return None
 
     def state(self, events: list[dict[str, Any]] | None = None, *, check_claim: bool = True) -> str:
+        events = events if events is not None else self.events()
+        if any(row.get("event") == "finished" for row in events):
+            return "finished"  # final: no later event can reopen a finished record
         last = self.last(events)
         if last is None:
             return "created"

@@ -108,23 +108,35 @@ class Project:
             if root in sys.path:
                 sys.path.remove(root)
             sys.path.insert(0, root)
+        sources = self._closure_sources(path)
         existing = sys.modules.get(name)
         if existing is not None:
             same_file = getattr(existing, "__file__", None) and Path(existing.__file__).resolve() == path.resolve()
-            mtime = getattr(existing, "__machinable_mtime__", None)
-            if same_file and mtime == path.stat().st_mtime_ns:
+            if same_file and getattr(existing, "__machinable_sources__", None) == sources:
                 return existing
-            # another project's module of the same name, or edited since
-            for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-                del sys.modules[key]
+            # another project's module of the same name, or it or a helper it imports was edited since:
+            # drop every project module of the old and the new closure, so helpers are re-imported too
+            stale = set(sources) | set(getattr(existing, "__machinable_sources__", None) or {})
+            for key, module in list(sys.modules.items()):
+                file = getattr(module, "__file__", None)
+                if key == name or key.startswith(name + ".") or (file and str(Path(file).resolve()) in stale):
+                    del sys.modules[key]
             _evict_foreign_parents(name, self.path)
+        _drop_stale_bytecode(sources)
         importlib.invalidate_caches()
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
             raise ModuleNotFound(f"Module {name!r} could not be imported: {e}") from e
-        module.__machinable_mtime__ = path.stat().st_mtime_ns  # type: ignore[attr-defined]
+        module.__machinable_sources__ = sources  # type: ignore[attr-defined]
         return module
+
+    def _closure_sources(self, path: Path) -> dict[str, str]:
+        """Absolute path -> byte digest of the module and its project-local imports."""
+        from machinable.hashing import closure_of
+
+        closure = closure_of(self.path, path)
+        return {str(self.path / rel): info.raw for rel, info in closure.files.items()}
 
     def element_class(self, name: str, base: type | None = None) -> type:
         """The one Experiment/Execution class defined in module ``name``."""
@@ -155,6 +167,23 @@ class Project:
         if not issubclass(cls, base):
             raise ModuleNotFound(f"Module {name!r} holds {cls.__name__}, which is not a {base.__name__}.")
         return cls
+
+
+def _drop_stale_bytecode(sources: dict[str, str]) -> None:
+    """Remove ``__pycache__`` files that may predate an edit of their source.
+
+    A .pyc is validated by the source's mtime in whole seconds and its size,
+    so an edit within the second the .pyc was written, keeping the size,
+    would run the old code. A .pyc not written strictly after its source is
+    recompiled instead.
+    """
+    for source in sources:
+        try:
+            cached = Path(importlib.util.cache_from_source(source))
+            if cached.stat().st_mtime_ns <= Path(source).stat().st_mtime_ns:
+                cached.unlink()
+        except (OSError, NotImplementedError, ValueError):
+            pass
 
 
 def _evict_foreign_parents(name: str, root: Path) -> None:

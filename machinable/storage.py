@@ -32,10 +32,12 @@ MANIFEST = "MANIFEST"
 CLAIM = ".claim"
 TMP = ".tmp"
 OBJECTS = ".objects"
+LOCKS = ".locks"
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    """UTC time with a fixed width, so that stored times also sort as text."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def _storage_error(e: OSError, what: str, path: Path | str) -> StorageError:
@@ -272,11 +274,51 @@ class Claim:
             except OSError:
                 pass
 
+    def holds(self) -> bool:
+        """Still ours: not released and not taken over after a stale heartbeat."""
+        if self.fd is None or self.lost:
+            return False
+        try:
+            return os.fstat(self.fd).st_ino == _inode(self.path)
+        except OSError:
+            return False
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+
+class FileLock:
+    """A blocking ``flock`` on a lock file, as a context manager (``.locks/<name>``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def __enter__(self) -> "FileLock":
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise _storage_error(e, "lock file", self.path) from e
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing drops the lock
             self.fd = None
@@ -314,13 +356,14 @@ def claim_is_held(directory: Path) -> bool:
 # --- MANIFEST and sealing ----------------------------------------------------
 
 _UNSEALED = {CLAIM, ".claim.takeover", MANIFEST}
+REPRODUCTIONS = "reproductions"  # added beside a sealed record; not part of it
 
 
 def manifest_files(directory: Path) -> Iterator[Path]:
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name not in _UNSEALED and not path.name.startswith(".claim."):
             rel = path.relative_to(directory)
-            if rel.parts[0] == "reproductions":
+            if rel.parts[0] == REPRODUCTIONS:
                 continue  # added after sealing, by design
             yield path
 
@@ -333,12 +376,36 @@ def write_manifest(directory: Path) -> None:
 
 
 def make_read_only(directory: Path) -> None:
-    for path in sorted(directory.rglob("*"), reverse=True):
-        if path.name in (CLAIM, ".claim.takeover") or path.relative_to(directory).parts[0] == "reproductions":
+    """Drop write bits on a record: every file and folder, the record folder itself
+    included, except ``reproductions/`` (where later reproductions are recorded)
+    and the claim files (so a status probe can still open them)."""
+    for path in [*sorted(directory.rglob("*"), reverse=True), directory]:
+        rel = path.relative_to(directory).parts
+        if path.name in (CLAIM, ".claim.takeover") or (rel and rel[0] == REPRODUCTIONS):
             continue
         mode = path.lstat().st_mode
         if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
             os.chmod(path, stat.S_IMODE(mode) & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def is_sealed(directory: Path) -> bool:
+    return (directory / MANIFEST).exists()
+
+
+def seal(directory: Path) -> None:
+    """Finish a record: MANIFEST of per-file digests, then read-only.
+
+    Idempotent, so a crash between the steps is repaired by sealing again.
+    The writable ``reproductions/`` folder is made first, because nothing can
+    be created in the record folder once it is read-only.
+    """
+    try:
+        (directory / REPRODUCTIONS).mkdir(exist_ok=True)
+    except OSError as e:
+        raise _storage_error(e, "reproductions folder", directory) from e
+    if not is_sealed(directory):
+        write_manifest(directory)
+    make_read_only(directory)
 
 
 def verify_manifest(directory: Path) -> list[str]:
@@ -443,6 +510,10 @@ class Storage(Element):
 
     def directory(self, experiment_id: str) -> Path:
         return self.root / experiment_id
+
+    def lock(self, name: str) -> FileLock:
+        """A blocking inter-process lock named ``name`` (a file under ``.locks/``)."""
+        return FileLock(self.root / LOCKS / name)
 
     def ensure_writable(self) -> None:
         try:
