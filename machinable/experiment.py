@@ -104,7 +104,10 @@ class _Tee:
             text = "".join((self._prefix if (i or self._at_line_start) else "") + line for i, line in enumerate(lines))
             if lines:
                 self._at_line_start = lines[-1].endswith("\n")
-        return self._stream.write(text)
+        written = self._stream.write(text)
+        if "\n" in text:  # live, line by line, even when stdout is a pipe (CI logs, job logs)
+            self._stream.flush()
+        return written
 
     def flush(self) -> None:
         self._stream.flush()
