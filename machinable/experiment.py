@@ -489,7 +489,7 @@ class Experiment(Element):
     def _run_claimed(self, ledger: Ledger, claim: Claim, attempt: int, previous: str) -> str:
         storage = self.storage
         ledger.repair()
-        if previous == "running":
+        if ledger.attempt_is_open():
             ledger.append("interrupted", reason="the process running it stopped without finishing")
         ledger.append("started", attempt=attempt, execution=self._execution_info)
         _set_state(storage, self.experiment_id, "running", started=_now())

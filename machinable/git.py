@@ -163,11 +163,24 @@ def _full_diff(repo: Any, head: Head, excludes: list[str]) -> bytes:
         if real_index.exists():
             shutil.copyfile(real_index, index)
         env = {"GIT_INDEX_FILE": str(index)}
+        # an exclude naming an ignored path makes `git add` fail ("paths are ignored"); ignored paths
+        # are left out anyway
+        excludes = [e for e in excludes if not _is_ignored(repo, e.split(")", 1)[1])]
         repo.git.add("-A", "--", ".", *excludes, env=env)
         against = head.commit or _empty_tree(repo)
         return repo.git.diff(
             "--cached", "--binary", "--no-color", "--no-ext-diff", against, env=env, stdout_as_string=False, strip_newline_in_stdout=False
         )
+
+
+def _is_ignored(repo: Any, path: str) -> bool:
+    import git  # GitPython, lazily
+
+    try:
+        repo.git.check_ignore("-q", "--no-index", path)
+    except git.GitCommandError:
+        return False
+    return True
 
 
 def _empty_tree(repo: Any) -> str:

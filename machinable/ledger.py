@@ -66,6 +66,17 @@ class Ledger:
             return "interrupted"
         return state
 
+    def attempt_is_open(self, events: list[dict[str, Any]] | None = None) -> bool:
+        """True if the last attempt started and never ended (its process died or froze)."""
+        is_open = False
+        for row in events if events is not None else self.events():
+            event = row.get("event")
+            if event == "started":
+                is_open = True
+            elif event in ("finished", "failed", "interrupted", "cancelled"):
+                is_open = False
+        return is_open
+
     def attempts(self, events: list[dict[str, Any]] | None = None) -> int:
         return sum(1 for row in (events if events is not None else self.events()) if row.get("event") == "started")
 

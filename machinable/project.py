@@ -128,6 +128,10 @@ class Project:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
             raise ModuleNotFound(f"Module {name!r} could not be imported: {e}") from e
+        except SyntaxError as e:
+            raise ModuleNotFound(
+                f"Module {name!r} could not be imported: {e.msg} ({e.filename}, line {e.lineno}). Fix the syntax error."
+            ) from e
         module.__machinable_sources__ = sources  # type: ignore[attr-defined]
         return module
 

@@ -1,0 +1,666 @@
+"""Experiments: launch, hooks, output, identity, get-or-create, run-once, resume, replicates, data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from machinable import Storage, get
+from machinable.errors import CodeChangedError, ConfigError, ExecutionError, StorageError
+
+from conftest import run_python
+
+
+def write(root: Path, rel: str, source: str) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under root with its content (None for folders)."""
+    if not root.exists():
+        return {}
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def wait_for(predicate, what: str, limit: float = 60.0) -> None:
+    """Poll until predicate() holds (a bound against hangs, not a timing assertion)."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+def every_json_parses(storage: Path) -> int:
+    """Parse every stored JSON and JSON-lines file; returns how many were read."""
+    count = 0
+    for path in storage.rglob("*"):
+        if path.suffix == ".json" or path.name == "MANIFEST":
+            json.loads(path.read_bytes())
+            count += 1
+        elif path.suffix == ".jsonl":
+            data = path.read_bytes()
+            assert not data or data.endswith(b"\n"), f"{path} ends with a torn line"
+            for line in data.splitlines():
+                json.loads(line)
+            count += 1
+    return count
+
+
+HOOKS = """
+from machinable import Experiment
+
+def note(name):
+    with open("hooks.txt", "a") as f:
+        f.write(name + "\\n")
+
+class Hooked(Experiment):
+    class Config:
+        fail: bool = False
+
+    def on_create(self):
+        note("on_create")
+
+    def on_before_execute(self):
+        note("on_before_execute")
+
+    def on_execute(self):
+        note("on_execute")
+        if self.config.fail:
+            raise RuntimeError("failing on purpose")
+
+    def on_success(self):
+        note("on_success")
+
+    def on_failure(self, exception):
+        note(f"on_failure {type(exception).__name__}: {exception}")
+
+    def on_after_execute(self):
+        note("on_after_execute")
+"""
+
+# Fails until the file "fixed" exists in the project: a failure the user repairs outside the code.
+FLAKY = """
+import os
+from machinable import Experiment
+
+class Flaky(Experiment):
+    class Config:
+        n: int = 1
+
+    def on_execute(self):
+        print("attempt with seed", self.seed)
+        with open("executions.txt", "a") as f:
+            f.write(self.experiment_id + "\\n")
+        if not os.path.exists("fixed"):
+            raise RuntimeError("not fixed yet")
+        return self.config.n * 2
+"""
+
+# Runs until the file "go" exists; marks its start in "started.txt".
+WAITING = """
+import os, time
+from machinable import Experiment
+
+class Waiting(Experiment):
+    class Config:
+        label: str = "x"
+
+    def on_execute(self):
+        with open("started.txt", "a") as f:
+            f.write(f"{os.getpid()} {self.experiment_id}\\n")
+        print("first line", flush=False)
+        while not os.path.exists("go"):
+            time.sleep(0.02)
+        print("second line")
+        with open("executions.txt", "a") as f:
+            f.write(self.experiment_id + "\\n")
+        return self.config.label
+"""
+
+
+# --- launch, output, properties --------------------------------------------------------
+
+
+def test_launch_runs_prints_saves_output_and_finishes(project, capsys):
+    experiment = get("estimate_gravity")
+    assert experiment.state == "new" and not experiment.is_finished()
+    assert experiment.launch() is None
+    out = capsys.readouterr().out
+    assert out == "Assuming height of 52 and time of 0.3\nThe gravity on the exoplanet is:  1155.5555555555557\n"
+    assert experiment.is_finished() and experiment.state == "finished"
+    assert experiment.output() == out
+    assert (experiment.directory / "output.log").read_text() == out
+    assert experiment.result == 1155.5555555555557
+    events = [e["event"] for e in experiment.events()]
+    assert events == ["created", "dispatched", "started", "finished"]
+
+
+def test_stdout_is_streamed_live_and_saved(project):
+    write(project, "waiting.py", WAITING)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from machinable import get; get('waiting').launch()"],
+        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        # the first line arrives through the pipe while on_execute still waits
+        assert proc.stdout.readline() == "first line\n"
+        assert proc.poll() is None
+        assert not (project / "executions.txt").exists()
+        (project / "go").touch()
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert rest == "second line\n", err
+    (experiment,) = Storage.current().find("waiting")
+    assert experiment.output() == "first line\nsecond line\n"
+
+
+def test_stderr_and_traceback_are_saved_too(project, capsys):
+    write(project, "loud.py", """
+        import sys
+        from machinable import Experiment
+
+        class Loud(Experiment):
+            def on_execute(self):
+                print("to stderr", file=sys.stderr)
+                raise ValueError("boom")
+    """)
+    experiment = get("loud")
+    with pytest.raises(ExecutionError, match="boom"):
+        experiment.launch()
+    err = capsys.readouterr().err
+    assert "to stderr" in err and "ValueError: boom" in err
+    log = experiment.output()
+    assert "to stderr\n" in log and "Traceback" in log and "ValueError: boom" in log
+
+
+def test_properties(project):
+    before = datetime.now(timezone.utc)
+    experiment = get("estimate_gravity", {"time_dilation": 2})
+    experiment.launch()
+    assert len(experiment.experiment_id) == 32 and int(experiment.experiment_id, 16) >= 0
+    assert isinstance(experiment.seed, int) and not isinstance(experiment.seed, bool)
+    assert experiment.timestamp.tzinfo is not None and experiment.timestamp.utcoffset() == timedelta(0)
+    assert before - timedelta(seconds=1) <= experiment.timestamp <= datetime.now(timezone.utc)
+    assert experiment.config.time_dilation == 2.0 and experiment.config["verbose"] is True
+    assert experiment.config_hash.startswith("xxh3-128:") and len(experiment.config_hash) == 9 + 32
+    assert experiment.code_hash.startswith("xxh3-128:") and len(experiment.code_hash) == 9 + 32
+
+    # the same facts from the stored record, in a fresh process
+    code = (
+        "from machinable import get\n"
+        "e = get('estimate_gravity', {'time_dilation': 2.0})\n"
+        "print(e.experiment_id, e.seed, e.timestamp.isoformat(), e.config_hash, e.code_hash, e.is_finished())\n"
+    )
+    proc = run_python(project, code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [
+        experiment.experiment_id, str(experiment.seed), experiment.timestamp.isoformat(),
+        experiment.config_hash, experiment.code_hash, "True",
+    ]
+
+
+def test_seed_is_random_unless_given(project):
+    seeds = {get.new("estimate_gravity").seed for _ in range(5)}
+    assert len(seeds) == 5
+    fixed = get("estimate_gravity", seed=42)
+    assert fixed.seed == 42
+    assert get("estimate_gravity", seed=42).experiment_id == fixed.experiment_id
+    assert get("estimate_gravity", seed=43).experiment_id != fixed.experiment_id
+    with pytest.raises(ConfigError, match="seed"):
+        get("estimate_gravity", seed="42")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_hooks_run_in_order(project, fail):
+    write(project, "hooked.py", HOOKS)
+    experiment = get("hooked", {"fail": fail})
+    if fail:
+        with pytest.raises(ExecutionError):
+            experiment.launch()
+    else:
+        experiment.launch()
+    expected = ["on_create", "on_before_execute", "on_execute"]
+    expected += ["on_failure RuntimeError: failing on purpose"] if fail else ["on_success"]
+    expected += ["on_after_execute"]
+    assert (project / "hooks.txt").read_text().splitlines() == expected
+    assert experiment.state == ("failed" if fail else "finished")
+
+
+# --- get-or-create ------------------------------------------------------------------------
+
+
+def test_get_returns_the_same_experiment_for_the_same_config(project):
+    first = get("estimate_gravity", {"time_dilation": 1.5})
+    first.launch()
+    again = get("estimate_gravity", {"time_dilation": "1.5"})
+    assert again.experiment_id == first.experiment_id and again.seed == first.seed
+    assert again.is_finished()
+    assert get("estimate_gravity").experiment_id != first.experiment_id
+    # an explicitly given default is the same config as leaving it out
+    assert get("estimate_gravity", {"time_dilation": 1.5, "verbose": True}).experiment_id == first.experiment_id
+
+
+def test_get_returns_the_newest_matching_experiment(project):
+    older = get.new("estimate_gravity")
+    older.commit()
+    newer = older.replicate()
+    newer.commit()
+    assert newer.timestamp > older.timestamp
+    assert get("estimate_gravity").experiment_id == newer.experiment_id
+
+
+def test_get_in_a_second_process_finds_the_record_of_the_first(project):
+    first = run_python(project, "from machinable import get\ne = get('estimate_gravity')\ne.launch()\nprint(e.experiment_id)")
+    assert first.returncode == 0, first.stderr
+    experiment_id = first.stdout.splitlines()[-1]
+    second = run_python(project, "from machinable import get\ne = get('estimate_gravity')\ne.launch()\nprint(e.experiment_id)")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == experiment_id + "\n"  # the same experiment, and nothing ran again
+    assert get("estimate_gravity").experiment_id == experiment_id
+
+
+def test_comment_whitespace_and_docstring_edits_keep_the_experiment(project):
+    experiment = get("estimate_gravity")
+    experiment.launch()
+    path = project / "estimate_gravity.py"
+    source = path.read_text()
+    edited = (
+        '"""Module docstring added."""\n# a comment\n\n'
+        + source.replace('"""An experiment to estimate gravity"""', '"""Another docstring."""')
+        .replace("height = 52", "height = 52  # metres")
+        .replace("g = 2 * height / time**2", "g = 2 * height / time ** 2")
+        + "\n\n# trailing comment\n"
+    )
+    assert edited != source
+    path.write_text(edited)
+    again = get("estimate_gravity")
+    assert again.experiment_id == experiment.experiment_id and again.is_finished()
+    assert again.stale_siblings == []
+
+
+def test_code_edit_gives_a_new_experiment_and_lists_the_old_one_as_stale(project, capsys):
+    experiment = get("estimate_gravity")
+    experiment.launch()
+    path = project / "estimate_gravity.py"
+    path.write_text(path.read_text().replace("height = 52", "height = 53"))
+    edited = get("estimate_gravity")
+    assert edited.experiment_id != experiment.experiment_id
+    assert edited.config_hash == experiment.config_hash and edited.code_hash != experiment.code_hash
+    assert [e.experiment_id for e in edited.stale_siblings] == [experiment.experiment_id]
+    capsys.readouterr()
+    edited.launch()  # and the edited code is what runs, in this same process
+    assert capsys.readouterr().out.startswith("Assuming height of 53 ")
+
+
+def test_helper_module_edit_gives_a_new_experiment(project, capsys):
+    write(project, "helpers/__init__.py", "")
+    write(project, "helpers/physics.py", "HEIGHT = 52\n")
+    write(project, "uses_helper.py", """
+        from machinable import Experiment
+        from helpers.physics import HEIGHT
+
+        class UsesHelper(Experiment):
+            def on_execute(self):
+                print("height", HEIGHT)
+    """)
+    experiment = get("uses_helper")
+    experiment.launch()
+    assert capsys.readouterr().out == "height 52\n"
+    recorded = json.loads((experiment.directory / "code.json").read_text())["files"]
+    assert set(recorded) == {"uses_helper.py", "helpers/__init__.py", "helpers/physics.py"}
+
+    write(project, "helpers/physics.py", "# only a comment added\nHEIGHT = 52\n")
+    assert get("uses_helper").experiment_id == experiment.experiment_id
+
+    write(project, "helpers/physics.py", "HEIGHT = 99\n")
+    edited = get("uses_helper")
+    assert edited.experiment_id != experiment.experiment_id
+    assert [e.experiment_id for e in edited.stale_siblings] == [experiment.experiment_id]
+    edited.launch()
+    assert capsys.readouterr().out == "height 99\n"  # the helper was re-imported
+
+
+def test_third_party_versions_are_recorded_but_not_part_of_the_id(project, tmp_path):
+    site = tmp_path / "site"
+
+    def install(version: str, value: int) -> None:
+        write(site, "fakepkg/__init__.py", f"VALUE = {value}\n")
+        for old in site.glob("fakepkg-*.dist-info"):
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+        dist = site / f"fakepkg-{version}.dist-info"
+        write(dist, "METADATA", f"Metadata-Version: 2.1\nName: fakepkg\nVersion: {version}\n")
+        write(dist, "top_level.txt", "fakepkg\n")
+        write(dist, "RECORD", "fakepkg/__init__.py,,\n")
+
+    write(project, "uses_pkg.py", """
+        import fakepkg
+        import json
+        from machinable import Experiment
+
+        class UsesPkg(Experiment):
+            def on_execute(self):
+                return fakepkg.VALUE
+    """)
+    code = "from machinable import get\ne = get('uses_pkg')\ne.launch()\nprint(e.experiment_id, e.result)"
+    env = {"PYTHONPATH": str(site)}
+    install("1.0", 1)
+    first = run_python(project, code, env=env)
+    assert first.returncode == 0, first.stderr
+    experiment_id, result = first.stdout.split()
+    assert result == "1"
+    environment = json.loads((project / "storage" / experiment_id / "env.json").read_text())
+    assert environment["packages"]["fakepkg"] == "1.0"
+    assert "json" not in environment["packages"]  # stdlib is not a package
+    assert environment["format"] == 1 and environment["python"]
+
+    install("2.0", 2)  # an upgrade, with changed package code
+    second = run_python(project, code, env=env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split() == [experiment_id, "1"]  # same experiment, still finished, not rerun
+
+
+# --- run once, resume -----------------------------------------------------------------------
+
+
+def test_launch_of_a_finished_experiment_does_nothing(project, capsys):
+    experiment = get("estimate_gravity")
+    experiment.launch()
+    capsys.readouterr()
+    storage = project / "storage"
+    before = tree(storage)
+    experiment.launch()
+    get("estimate_gravity").launch()
+    Storage.current().load(experiment.experiment_id).launch()
+    assert capsys.readouterr() == ("", "")
+    after = tree(storage)
+    assert {k: v for k, v in after.items() if "index.sqlite" not in k} == {
+        k: v for k, v in before.items() if "index.sqlite" not in k
+    }
+
+
+def test_failed_experiment_resumes_in_place(project, capsys):
+    write(project, "flaky.py", FLAKY)
+    experiment = get("flaky", {"n": 21})
+    with pytest.raises(ExecutionError, match="not fixed yet"):
+        experiment.launch()
+    assert experiment.state == "failed" and experiment.is_failed()
+    failed = [e for e in experiment.events() if e["event"] == "failed"]
+    assert "RuntimeError: not fixed yet" in failed[0]["traceback"]
+
+    (project / "fixed").touch()
+    again = get("flaky", {"n": 21})  # get() returns the failed one: same id, seed, config
+    assert (again.experiment_id, again.seed) == (experiment.experiment_id, experiment.seed)
+    again.launch()
+    assert again.is_finished() and again.result == 42
+    assert (project / "executions.txt").read_text().splitlines() == [experiment.experiment_id] * 2
+    started = [e for e in again.events() if e["event"] == "started"]
+    assert [e["attempt"] for e in started] == [1, 2]
+    assert [e["event"] for e in again.events()][-1] == "finished"
+    assert len(list((project / "storage").glob("[0-9a-f]" * 32))) == 1
+    log = again.output()
+    assert log.count(f"attempt with seed {experiment.seed}") == 2 and "--- attempt 2" in log
+
+
+def test_resume_is_refused_when_the_code_changed(project):
+    write(project, "flaky.py", FLAKY)
+    experiment = get("flaky")
+    with pytest.raises(ExecutionError):
+        experiment.launch()
+    path = project / "flaky.py"
+    path.write_text(path.read_text().replace("self.config.n * 2", "self.config.n * 3"))
+    (project / "fixed").touch()
+
+    stored = Storage.current().load(experiment.experiment_id)
+    with pytest.raises(CodeChangedError) as raised:
+        stored.launch()
+    message = str(raised.value)
+    assert experiment.short_id in message and "flaky.py" in message and "get.new" in message
+    with pytest.raises(CodeChangedError):
+        experiment.launch()
+    assert stored.state == "failed"
+    assert (project / "executions.txt").read_text().splitlines() == [experiment.experiment_id]
+
+    fresh = get("flaky")  # the current code is a new experiment
+    assert fresh.experiment_id != experiment.experiment_id
+    assert [e.experiment_id for e in fresh.stale_siblings] == [experiment.experiment_id]
+    fresh.launch()
+    assert fresh.result == 3
+
+
+def _spawn(project: Path, code: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize("seed", [42, None], ids=["explicit-seed", "get-or-create"])
+def test_concurrent_launches_execute_once(project, seed):
+    """4 processes launch the same new experiment at once: one execution, all return after it."""
+    write(project, "waiting.py", WAITING)
+    code = textwrap.dedent(f"""
+        import os, time
+        from machinable import get
+        while not os.path.exists("start"):
+            time.sleep(0.005)
+        experiment = get("waiting", {{"label": "same"}}, seed={seed!r})
+        experiment.launch()
+        print(experiment.experiment_id, experiment.state, experiment.result)
+    """)
+    procs = [_spawn(project, code) for _ in range(4)]
+    try:
+        (project / "start").touch()
+        wait_for(lambda: (project / "started.txt").exists(), "the execution to start")
+        (project / "go").touch()
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+    lines = {out.splitlines()[-1] for out, _ in outputs}
+    assert len(lines) == 1, lines  # all agree on the id, and all saw it finished
+    experiment_id, state, result = lines.pop().split()
+    assert (state, result) == ("finished", "same")
+    assert (project / "executions.txt").read_text().splitlines() == [experiment_id]
+    assert len((project / "started.txt").read_text().splitlines()) == 1
+    assert [d.name for d in (project / "storage").glob("[0-9a-f]" * 32)] == [experiment_id]
+    if seed is not None:
+        assert experiment_id == get("waiting", {"label": "same"}, seed=42).experiment_id
+
+
+def test_sigkill_mid_run_then_the_next_launch_resumes(project):
+    write(project, "waiting.py", WAITING)
+    proc = _spawn(project, "from machinable import get\nget('waiting').launch()")
+    try:
+        wait_for(lambda: (project / "started.txt").exists(), "the execution to start")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    storage = project / "storage"
+    assert every_json_parses(storage) >= 6
+    (experiment,) = Storage.current().find("waiting")
+    assert experiment.state == "interrupted"
+    assert not experiment.is_finished()
+
+    (project / "go").touch()
+    resumed = run_python(project, "from machinable import get\ne = get('waiting')\ne.launch()\nprint(e.experiment_id, e.state)")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.splitlines()[-1] == f"{experiment.experiment_id} finished"
+    events = [e["event"] for e in experiment.events()]
+    assert events == ["created", "dispatched", "started", "dispatched", "interrupted", "started", "finished"]
+    assert [e.get("attempt") for e in experiment.events() if e["event"] == "started"] == [1, 2]
+    assert every_json_parses(storage) >= 8
+    assert (project / "executions.txt").read_text().splitlines() == [experiment.experiment_id]
+
+
+def test_a_claim_with_a_stale_heartbeat_counts_as_interrupted(project, monkeypatch):
+    """A frozen holder (SIGSTOP) stops beating; after the timeout its run may be taken over."""
+    write(project, "waiting.py", WAITING)
+    env = {"MACHINABLE_HEARTBEAT_TIMEOUT": "1"}
+    monkeypatch.setenv("MACHINABLE_HEARTBEAT_TIMEOUT", "1")
+    frozen = _spawn(project, "from machinable import get\nget('waiting').launch()", env=env)
+    try:
+        wait_for(lambda: (project / "started.txt").exists(), "the execution to start")
+        (experiment,) = Storage.current().find("waiting")
+        assert experiment.state == "running"
+        frozen.send_signal(signal.SIGSTOP)
+        wait_for(lambda: experiment.state == "interrupted", "the heartbeat to go stale")
+        (project / "go").touch()
+        resumed = run_python(project, "from machinable import get\ne = get('waiting')\ne.launch()\nprint(e.state)", env=env)
+        assert resumed.returncode == 0, resumed.stderr
+        assert resumed.stdout.splitlines()[-1] == "finished"
+    finally:
+        frozen.kill()
+        frozen.wait(timeout=60)
+    assert [e.get("attempt") for e in experiment.events() if e["event"] == "started"] == [1, 2]
+    assert experiment.is_finished()
+
+
+# --- replicates ---------------------------------------------------------------------------
+
+
+def test_replicate_and_get_new_give_new_seed_and_id_with_the_same_config_hash(project):
+    experiment = get("estimate_gravity", {"time_dilation": 3.0})
+    experiment.launch()
+    replica = experiment.replicate()
+    other = get.new("estimate_gravity", {"time_dilation": 3.0})
+    ids = {experiment.experiment_id, replica.experiment_id, other.experiment_id}
+    seeds = {experiment.seed, replica.seed, other.seed}
+    assert len(ids) == 3 and len(seeds) == 3
+    assert replica.config_hash == other.config_hash == experiment.config_hash
+    assert replica.config.time_dilation == 3.0 and not replica.is_finished()
+    replica.launch()
+    assert replica.is_finished() and replica.result == experiment.result
+    assert {e.experiment_id for e in experiment.replicates()} == {experiment.experiment_id, replica.experiment_id}
+
+
+# --- outputs ------------------------------------------------------------------------------
+
+
+def test_save_and_load_data_records_and_result(project):
+    numpy = pytest.importorskip("numpy")
+    write(project, "outputs.py", """
+        import numpy
+        from machinable import Experiment
+
+        class Outputs(Experiment):
+            def on_execute(self):
+                self.save_data("notes.txt", "hello")
+                self.save_data("stats.json", {"mean": 1.5, "n": [1, 2]})
+                self.save_data("array.npy", numpy.arange(6).reshape(2, 3))
+                self.save_data("things.pickle", {"a set": {1, 2}})
+                self.save_data("nested/raw.bin", b"\\x00\\xff")
+                for epoch in range(3):
+                    self.record(epoch=epoch, loss=1.0 / (epoch + 1))
+                return {"accuracy": 0.9}
+    """)
+    experiment = get("outputs")
+    experiment.launch()
+    assert experiment.load_data("notes.txt") == "hello"
+    assert experiment.load_data("stats.json") == {"mean": 1.5, "n": [1, 2]}
+    assert numpy.array_equal(experiment.load_data("array.npy"), numpy.arange(6).reshape(2, 3))
+    assert experiment.load_data("things.pickle") == {"a set": {1, 2}}
+    assert (experiment.directory / "data" / "nested" / "raw.bin").read_bytes() == b"\x00\xff"
+    assert experiment.load_data("missing.json", default="none") == "none"
+    assert list(experiment.records()) == [{"epoch": 0, "loss": 1.0}, {"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 1.0 / 3}]
+    assert experiment.result == {"accuracy": 0.9}
+    assert experiment.events()[-1]["result"] == "json"
+    with pytest.raises(ConfigError, match="inside"):
+        experiment.load_data("../experiment.json")
+
+
+def test_a_result_that_is_not_json_is_pickled_and_says_so(project):
+    write(project, "pickled.py", """
+        from fractions import Fraction
+        from machinable import Experiment
+
+        class Pickled(Experiment):
+            def on_execute(self):
+                return Fraction(1, 3)
+    """)
+    experiment = get("pickled")
+    experiment.launch()
+    from fractions import Fraction
+
+    assert experiment.result == Fraction(1, 3)
+    assert experiment.events()[-1]["result"] == "pickle"
+    assert (experiment.directory / "data" / "result.pickle").is_file()
+
+
+def test_writing_to_a_finished_or_unstored_experiment_is_refused(project):
+    experiment = get("estimate_gravity")
+    with pytest.raises(StorageError, match="not stored yet"):
+        experiment.record(x=1)
+    experiment.launch()
+    with pytest.raises(StorageError, match="sealed"):
+        experiment.record(x=1)
+    with pytest.raises(StorageError, match="sealed"):
+        experiment.save_data("late.txt", "x")
+    assert experiment.records() == []
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_unknown_key_is_an_error_and_nothing_is_stored(project):
+    with pytest.raises(ConfigError) as raised:
+        get("estimate_gravity", {"time_diliation": 2})
+    message = str(raised.value)
+    assert "'time_diliation'" in message and "2" in message and "'time_dilation'" in message
+    assert not (project / "storage").exists()
+
+    get("estimate_gravity").launch()
+    before = tree(project / "storage")
+    for bad in ({"time_diliation": 2}, {"time_dilation": "fast"}, {"verbose": "maybe"}):
+        with pytest.raises(ConfigError):
+            get("estimate_gravity", bad).launch()
+    assert tree(project / "storage") == before
+
+
+def test_bad_input_never_leaves_a_half_made_record(project):
+    get("estimate_gravity").launch()
+    write(project, "broken_create.py", """
+        from machinable import Experiment
+
+        class BrokenCreate(Experiment):
+            def on_create(self):
+                raise RuntimeError("refusing to be created")
+    """)
+    write(project, "syntax_error.py", "from machinable import Experiment\nclass X(Experiment:\n    pass\n")
+    storage = project / "storage"
+    def record_files() -> set[str]:  # what makes up records (not source objects, locks, the index)
+        return {k for k in tree(storage) if not k.startswith((".objects", ".locks", "index.sqlite"))}
+
+    before = record_files()
+    with pytest.raises(RuntimeError, match="refusing"):
+        get("broken_create").launch()
+    from machinable.errors import ModuleNotFound
+
+    with pytest.raises(ModuleNotFound, match="syntax_error"):
+        get("syntax_error")
+    with pytest.raises(ModuleNotFound):
+        get("no_such_module")
+    assert record_files() == before
+    assert [d.name for d in storage.glob("[0-9a-f]" * 32)] == [get("estimate_gravity").experiment_id]
+    assert not any((storage / ".tmp").iterdir())
