@@ -1,34 +1,782 @@
 """The ``machinable`` command: a thin typer app over the Python API.
 
-Every command calls public functions; nothing here is needed by the API.
+Two shapes of command line::
+
+    machinable [GLOBAL OPTIONS] MODULE [KEY=VALUE]... [MODULE [KEY=VALUE]...]... [--launch]
+    machinable [GLOBAL OPTIONS] COMMAND [ARGS]...
+
+The first (the seed grammar) dry-runs or launches an experiment; the second
+runs a subcommand (``init``, ``list``, ``show``, ...). Subcommand names are
+reserved words: a project module with such a name is reachable as
+``./name.py``.
+
+Layout of this file, so that each area can add its commands without touching
+the others:
+
+- the app and its global options (``--storage``, ``--debug``, ``--version``);
+- the seed grammar (``MODULE key=value ... --launch``);
+- subcommands, one function each (``@app.command()``), imports inside;
+- the entry point ``main()``: error handling (one line, no traceback, exit 2
+  for usage errors and 1 for failed runs; ``--debug`` shows the traceback).
+
 Heavy modules (GitPython, sqlite3, rich tables, user code) are imported
 inside the commands, never at module level, so ``--help`` stays fast.
-
-(Skeleton: the CLI issue fills in the seed grammar; each area adds its
-subcommands as separate functions below.)
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-app = typer.Typer(add_completion=True, no_args_is_help=True, help="machinable: content-addressed, git-integrated experiments.")
+PROG = "machinable"
+
+#: the hidden-in-plain-sight command that handles ``MODULE key=value ...``;
+#: never dispatched by name (a project module called MODULE still works).
+SEED_COMMAND = "MODULE"
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+_state: dict[str, Any] = {"debug": False}
 
 
-# --- commands ----------------------------------------------------------------------
+def _out(text: str = "") -> None:
+    """A line of the command's own output (stdout)."""
+    print(text, flush=True)
 
 
-def main() -> None:
-    from machinable.errors import MachinableError
+def _note(text: str) -> None:
+    """A status line (stderr, so stdout carries only the experiments' output)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- the app and its global options -----------------------------------------------
+
+
+class _Group(TyperGroup):
+    """Routes a first word that is not a subcommand to the seed grammar."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] != SEED_COMMAND and (args[0] in self.commands or args[0].startswith("-")):
+            return super().resolve_command(ctx, args)
+        return SEED_COMMAND, self.commands[SEED_COMMAND], args
+
+    def shell_complete(self, ctx: Any, incomplete: str) -> list[Any]:
+        items = [item for item in super().shell_complete(ctx, incomplete) if item.value != SEED_COMMAND]
+        if incomplete.startswith("-"):
+            return items
+        CompletionItem = _click().shell_completion.CompletionItem
+
+        try:
+            from machinable.project import Project
+
+            modules = Project().available_modules()
+        except Exception:  # completion must never fail loudly
+            modules = []
+        reserved = set(self.commands)
+        for name in modules:
+            if name.startswith(incomplete):
+                items.append(CompletionItem(f"./{name.replace('.', '/')}.py" if name in reserved else name, help="module"))
+        return items
+
+
+app = typer.Typer(
+    cls=_Group,
+    name=PROG,
+    add_completion=True,
+    no_args_is_help=True,
+    subcommand_metavar="MODULE [KEY=VALUE]... | COMMAND [ARGS]...",
+    rich_markup_mode=None,  # plain click help: rich's help renderer imports rich.table
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help=(
+        "machinable: content-addressed, git-integrated experiments.\n\n"
+        "Dry-run or launch an experiment with the seed grammar:\n\n"
+        "    machinable MODULE [KEY=VALUE]... [EXECUTION [KEY=VALUE]...] [--launch]\n\n"
+        "The first module is the experiment, later modules (executions, storage) are "
+        "used as context. Without --launch nothing runs and nothing is stored. "
+        "`machinable MODULE --help` lists the options (--launch, --seed, --replicate, "
+        "--require-clean).\n\n"
+        "Command names are reserved: a project module with such a name is reachable "
+        "as ./NAME.py. Global options may also come after the command."
+    ),
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from machinable import __version__
+
+        _out(f"{PROG} {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    storage: Annotated[
+        Optional[Path],
+        typer.Option("--storage", metavar="PATH", help="Storage folder for this run (default: $MACHINABLE_STORAGE or ./storage).", show_default=False),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    if debug:
+        _state["debug"] = True
+    if storage is not None:
+        # through the environment, so that every command, the API underneath
+        # and worker processes spawned by executions all use the same storage
+        os.environ["MACHINABLE_STORAGE"] = os.path.abspath(os.path.expanduser(str(storage)))
+
+
+# --- the seed grammar: MODULE key=value ... [EXECUTION key=value ...] ------------------
+
+
+@dataclass
+class ModuleArgs:
+    """One module of the command line with the ``key=value`` pairs after it."""
+
+    name: str
+    values: dict[str, str] = field(default_factory=dict)
+
+
+def parse_module_args(tokens: list[str]) -> list[ModuleArgs]:
+    """``["m", "a=1", "e", "b=2"]`` -> ``[ModuleArgs("m", {"a": "1"}), ModuleArgs("e", {"b": "2"})]``."""
+    from machinable.errors import UsageError
+
+    specs: list[ModuleArgs] = []
+    for token in tokens:
+        if "=" not in token:
+            specs.append(ModuleArgs(token))
+            continue
+        key, _, value = token.partition("=")
+        if not key:
+            raise UsageError(f"Invalid argument {token!r}: the key before '=' is missing; write key=value.")
+        if value.startswith("="):
+            raise UsageError(f"Invalid argument {token!r}: write key=value with a single '=' (did you mean {key}={value.lstrip('=')}?).")
+        if not value:
+            raise UsageError(f"Invalid argument {token!r}: the value after '=' is missing; write {key}=VALUE.")
+        if not _KEY.match(key):
+            raise UsageError(
+                f"Invalid config key {key!r} in {token!r}: keys are Python names, dotted for nested configs (optimizer.lr=0.1)."
+            )
+        if not specs:
+            raise UsageError(f"Argument {token!r} comes before any module: write MODULE key=value, for example estimate_gravity {token}.")
+        if key in specs[-1].values:
+            raise UsageError(f"Config key {key!r} is given twice for {specs[-1].name!r} ({key}={specs[-1].values[key]} and {token}).")
+        specs[-1].values[key] = value
+    if not specs:
+        raise UsageError("No module given: write machinable MODULE [key=value ...] [--launch].")
+    return specs
+
+
+class _SeedCommand(TyperCommand):
+    def format_usage(self, ctx: Any, formatter: Any) -> None:
+        formatter.write_usage(PROG, "MODULE [KEY=VALUE]... [EXECUTION [KEY=VALUE]...] [OPTIONS]")
+
+
+@app.command(
+    SEED_COMMAND, cls=_SeedCommand, short_help="Dry-run or --launch an experiment (the seed grammar above).",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+def seed_grammar(
+    arguments: Annotated[
+        list[str],
+        typer.Argument(metavar="MODULE [KEY=VALUE]...", show_default=False, hidden=True),
+    ],
+    launch: Annotated[bool, typer.Option("--launch", help="Run it (without: a dry run that executes and stores nothing).")] = False,
+    seed: Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Use this seed (fixes the experiment id).", show_default=False)] = None,
+    replicate: Annotated[
+        Optional[int],
+        typer.Option("--replicate", metavar="N", min=1, help="N replicates (same config, own seeds): reuses existing ones, adds the rest.", show_default=False),
+    ] = None,
+    require_clean: Annotated[bool, typer.Option("--require-clean", help="Refuse to launch from a git tree with uncommitted changes.")] = False,
+) -> None:
+    """Dry-run or --launch an experiment: MODULE [KEY=VALUE]... [EXECUTION [KEY=VALUE]...].
+
+    The first module is the experiment; later modules (executions, storage) are
+    used as context. Values are parsed as the Config's annotated types; nested
+    configs take dotted keys (optimizer.lr=0.1).
+    """
+    from contextlib import ExitStack
+
+    from machinable.errors import UsageError
+
+    if seed is not None and replicate is not None:
+        raise UsageError("--seed and --replicate exclude each other: replicates differ by their seeds.")
+    specs = parse_module_args(arguments)
+    with ExitStack() as stack:
+        execution = None
+        for spec in specs[1:]:
+            element = _context_element(spec)
+            from machinable.execution import Execution
+
+            if isinstance(element, Execution):
+                if execution is not None:
+                    raise UsageError(
+                        f"Two executions given ({execution.module!r} and {element.module!r}): give at most one."
+                    )
+                execution = element
+            else:
+                stack.enter_context(element)
+        experiment, experiments = _experiments(specs[0], seed, replicate)
+        if not launch:
+            _dry_run(experiment, experiments, execution, require_clean, replicate, seed)
+            return
+        _launch(experiments, execution, require_clean)
+
+
+def _element_class(name: str) -> type:
+    """The element class of module ``name``; user-code import errors become one line."""
+    from machinable.errors import MachinableError, ModuleNotFound
+    from machinable.project import Project
+
+    project = Project.get()
+    try:
+        return project.element_class(name)
+    except ModuleNotFound as e:
+        hint = _command_hint(name)
+        if hint and "not found" in str(e):
+            raise ModuleNotFound(f"{e} {hint}") from None
+        raise
+    except MachinableError:
+        raise
+    except Exception as e:
+        raise _import_failed(name, e) from e
+
+
+def _command_hint(name: str) -> str:
+    import difflib
+
+    commands = [c for c in app_commands() if c != SEED_COMMAND]
+    close = difflib.get_close_matches(name, commands, n=1)
+    return f"Did you mean the command {close[0]!r}?" if close else ""
+
+
+def app_commands() -> list[str]:
+    """Names of the registered subcommands (the reserved words)."""
+    return sorted(c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands if c.callback is not None)
+
+
+def _typed_values(cls: type, values: dict[str, str]) -> dict[str, Any]:
+    """Command-line strings, with JSON parsing for keys annotated ``Any``.
+
+    Every other annotated type is coerced by the Config itself ("1.5" -> 1.5).
+    """
+    import dataclasses
+
+    from machinable.config import config_class, fields_of
+
+    out: dict[str, Any] = {}
+    for key, text in values.items():
+        annotation: Any = config_class(cls)
+        for part in key.split("."):
+            fields = fields_of(annotation) if dataclasses.is_dataclass(annotation) else {}
+            annotation = fields.get(part, (None, None))[0]
+        out[key] = _json_or_text(text) if annotation is Any else text
+    return out
+
+
+def _json_or_text(text: str) -> Any:
+    import orjson
 
     try:
-        app()
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def _context_element(spec: ModuleArgs) -> Any:
+    from machinable import get
+    from machinable.errors import UsageError
+    from machinable.experiment import Experiment
+
+    cls = _element_class(spec.name)
+    if issubclass(cls, Experiment):
+        raise UsageError(
+            f"{spec.name!r} is an experiment, but only the first module is the experiment; "
+            "later modules are executions (or machinable.storage) used as context."
+        )
+    return get(spec.name, _typed_values(cls, spec.values))
+
+
+def _experiments(spec: ModuleArgs, seed: int | None, replicate: int | None) -> tuple[Any, list[Any]]:
+    """The experiment the command line names (get-or-create) and those to launch (it, or N replicates)."""
+    from machinable import get
+    from machinable.errors import UsageError
+    from machinable.experiment import Experiment
+
+    cls = _element_class(spec.name)
+    if not issubclass(cls, Experiment):
+        raise UsageError(
+            f"{spec.name!r} is not an experiment ({cls.__name__} is an {getattr(cls, 'kind', 'element')}): "
+            "the first module is the experiment, for example machinable estimate_gravity "
+            f"{spec.name} key=value."
+        )
+    values = _typed_values(cls, spec.values)
+    experiment = get(spec.name, values, seed=seed)
+    if replicate is None:
+        return experiment, [experiment]
+    # Idempotent like get(): the same command twice launches the same N
+    # replicates (oldest first), resuming unfinished ones instead of adding more.
+    existing = [e for e in reversed(experiment.replicates()) if e.code_hash == experiment.code_hash]
+    chosen = existing[:replicate]
+    while len(chosen) < replicate:
+        chosen.append(get.new(spec.name, values))
+    return experiment, chosen
+
+
+def _config_lines(element: Any) -> list[str]:
+    """``key = value`` lines of an element's resolved config, defaults marked."""
+    import dataclasses
+
+    from machinable.config import config_class, fields_of, flatten, to_json
+
+    defaults = flatten(
+        {name: to_json(default) for name, (_, default) in fields_of(config_class(type(element))).items() if default is not dataclasses.MISSING}
+    )
+    values = flatten(element.config_json())
+    if not values:
+        return ["(no config)"]
+    lines = []
+    for key, value in values.items():
+        mark = "  (default)" if key in defaults and defaults[key] == value else ""
+        lines.append(f"{key} = {value!r}{mark}")
+    return lines
+
+
+def _field(label: str, lines: list[str] | str) -> None:
+    lines = [lines] if isinstance(lines, str) else lines
+    for i, line in enumerate(lines):
+        _out(f"{label if i == 0 else '':<13}{line}")
+
+
+def _describe_state(experiment: Any) -> str:
+    state = experiment.state
+    return {
+        "new": "none yet: --launch creates and runs it",
+        "finished": "finished: --launch does nothing",
+        "failed": "failed: --launch resumes it in place (same id and seed)",
+        "interrupted": "interrupted: --launch resumes it in place (same id and seed)",
+        "running": "running now: --launch waits for it",
+        "created": "created, never run: --launch runs it",
+        "dispatched": "dispatched, not started: --launch runs it",
+    }.get(state, state)
+
+
+def _git_state(require_clean: bool) -> list[str] | None:
+    """Dirty files (None outside a repository); raises under --require-clean."""
+    from machinable.errors import GitError
+    from machinable.git import dirty_files
+    from machinable.project import Project
+    from machinable.storage import Storage
+
+    dirty = dirty_files(Project.get().path, exclude=[Storage.current().root])
+    if require_clean:
+        if dirty is None:
+            raise GitError(f"Refusing to launch: --require-clean needs a git repository, and {Project.get().path} is not in one.")
+        if dirty:
+            raise GitError(
+                f"Refusing to launch: --require-clean, and the working tree has uncommitted changes in {_files(dirty, 20)}. "
+                "Commit them, or launch without --require-clean (the diff is then recorded)."
+            )
+    return dirty
+
+
+def _files(paths: list[str], limit: int) -> str:
+    shown = ", ".join(paths[:limit])
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return f"{len(paths)} file{'s' if len(paths) != 1 else ''} ({shown}{more})"
+
+
+def _dry_run(first: Any, experiments: list[Any], execution: Any, require_clean: bool, replicate: int | None, seed: int | None) -> None:
+    from machinable.storage import Storage
+
+    _field("experiment", f"{first.module}  ({_relative(first.project.module_file(first.module))})")
+    _field("config", _config_lines(first))
+    _field("config hash", first.config_hash)
+    _field("code hash", first.code_hash)
+    if replicate is None:
+        if first.is_committed() or seed is not None:
+            _field("id", f"{first.experiment_id}  (seed {first.seed})")
+        else:
+            _field("id", "new: drawn at launch from a random seed (--seed N fixes it)")
+        _field("record", _describe_state(first))
+    else:
+        rows = []
+        for experiment in experiments:
+            if experiment.is_committed():
+                rows.append(f"{experiment.experiment_id}  seed {experiment.seed}  {experiment.state}")
+            else:
+                rows.append("new (random seed)")
+        existing = sum(1 for e in experiments if e.is_committed())
+        _field("replicates", [f"{len(experiments)} requested: {existing} existing, {len(experiments) - existing} new", *rows])
+    if execution is not None:
+        _field("execution", f"{execution.module}")
+        _field("", [f"  {line}" for line in _config_lines(execution)])
+    else:
+        _field("execution", "machinable.execution.local (default: in this process)")
+    _field("storage", str(Storage.current().root))
+    dirty = _git_state(require_clean)
+    if dirty is None:
+        _field("git", "not a git repository (records say so)")
+    elif dirty:
+        _field("git", f"uncommitted changes in {_files(dirty, 5)}: recorded with the experiment")
+    else:
+        _field("git", "clean")
+    _out("Dry run: nothing was executed or stored. Add --launch to run it.")
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _launch(experiments: list[Any], execution: Any, require_clean: bool) -> None:
+    todo = [e for e in experiments if not e.is_finished()]
+    finished = [e for e in experiments if e not in todo]
+    if len(finished) == 1:
+        e = finished[0]
+        _note(f"{e.module} {e.short_id}: already finished, nothing to do (machinable show {e.short_id})")
+    elif finished:
+        _note(f"{len(finished)} of {len(experiments)} replicates already finished: nothing to do for them")
+    if not todo:
+        return
+    dirty = _git_state(require_clean)
+    if dirty and any(not e.is_committed() for e in todo):
+        _note(f"Note: uncommitted changes in {_files(dirty, 5)} are recorded with the experiment (git.diff); --require-clean refuses instead.")
+    if execution is None:
+        from machinable.executions.local import Local
+
+        execution = Local()
+    # a failed run raises ExecutionError, whose message is the dispatch report
+    with _Progress(todo):
+        with execution:
+            for experiment in todo:
+                experiment.launch()
+    report = execution.last_report
+    if report is not None and len(todo) == 1:  # many: the execution prints its summary
+        for experiment_id in report.finished:
+            _note(f"{todo[0].module} {experiment_id[:12]}: finished (machinable show {experiment_id[:12]})")
+        for experiment_id in report.submitted:
+            _note(f"{todo[0].module} {experiment_id[:12]}: submitted (machinable status shows its progress)")
+
+
+class _Progress:
+    """Progress of a launch of many experiments, read from their ledgers.
+
+    A rich progress bar on a terminal, one plain line per experiment when
+    stderr is piped. Works for any execution (in-process, pool workers,
+    subprocesses), since it only watches the storage.
+    """
+
+    def __init__(self, experiments: list[Any], interval: float = 0.1) -> None:
+        self.experiments = experiments
+        self.enabled = len(experiments) > 1
+        self.interval = interval
+        self._seen: dict[int, int] = {}  # position -> ledger length before the launch
+        self._done: set[int] = set()
+        self._bar: Any = None
+        self._task: Any = None
+        self._thread: Any = None
+        self._stop: Any = None
+
+    def __enter__(self) -> "_Progress":
+        if not self.enabled:
+            return self
+        import threading
+
+        for i, experiment in enumerate(self.experiments):
+            self._seen[i] = len(experiment.events()) if experiment.is_committed() else 0
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            console = Console(file=sys.stderr)
+            self._bar = Progress(
+                TextColumn("launching"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=console, redirect_stdout=sys.stdout.isatty(), redirect_stderr=True, transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("launch", total=len(self.experiments))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="machinable-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._poll()
+
+    def _poll(self) -> None:
+        from machinable.ledger import Ledger
+        from machinable.storage import read_lines
+
+        for i, experiment in enumerate(self.experiments):
+            if i in self._done:
+                continue
+            experiment_id = experiment.experiment_id  # read each time: commit may adopt a twin's id
+            directory = experiment.storage.directory(experiment_id)
+            events = read_lines(directory / "events.jsonl")[self._seen[i]:]
+            ended = [row["event"] for row in events if row.get("event") in ("finished", "failed")]
+            if not ended and Ledger(directory).state(check_claim=False) != "finished":
+                continue
+            self._done.add(i)
+            state = ended[-1] if ended else "finished"
+            if self._bar is not None:
+                self._bar.update(self._task, completed=len(self._done))
+            else:
+                width = len(str(len(self.experiments)))
+                _note(f"[{len(self._done):>{width}}/{len(self.experiments)}] {experiment.module} {experiment_id[:12]} {state}")
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.enabled:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _import_failed(name: str, error: BaseException) -> Exception:
+    """Importing a project module raised (a bug in the user's module): one line."""
+    import traceback
+
+    from machinable.errors import MachinableError
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "importlib" not in f.filename]
+    where = ""
+    if isinstance(error, SyntaxError) and error.filename:
+        where = f" ({_relative(Path(error.filename))}, line {error.lineno})"
+    elif frames:
+        where = f" ({_relative(Path(frames[-1].filename))}, line {frames[-1].lineno})"
+    return MachinableError(f"Importing module {name!r} failed{where}: {type(error).__name__}: {error}")
+
+
+# --- subcommands -------------------------------------------------------------------------
+#
+# One function per command, imports inside the function. Each command name is
+# a reserved word of the seed grammar. Keep docs/cli.md in sync (the test
+# tests/test_cli.py::test_reference_is_in_sync says how to regenerate it).
+
+
+@app.command(short_help="Create a project from the template, as a git repository.")
+def init(
+    directory: Annotated[Path, typer.Argument(metavar="[DIR]", help="Where to create the project (default: the current folder).", show_default=False)] = Path("."),
+    git: Annotated[bool, typer.Option("--git/--no-git", help="Make DIR a git repository with an initial commit (unless it is inside one).")] = True,
+) -> None:
+    """Create a project from the template: example experiment, execution and .gitignore.
+
+    Existing files are never overwritten. With git installed, a DIR that is not
+    inside a repository becomes one, with the template as its first commit, so
+    that the first launch is recorded against a clean commit.
+    """
+    from machinable.template import write_template
+
+    result = write_template(directory, git=git)
+    for line in result.messages:
+        _out(line)
+
+
+# (further subcommands: list, show, diff, status, reproduce, verify, gc, index)
+
+
+@app.command("status", short_help="Which recorded results are fresh or stale against the current code.")
+def status_command(
+    modules: Annotated[Optional[list[str]], typer.Argument(metavar="[MODULE]...", help="Only these modules.", show_default=False)] = None,
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 unless every config has a finished record with the current code.")] = False,
+    every: Annotated[bool, typer.Option("--all", help="One row per experiment (default: one per config, its newest record).")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every --interval seconds until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option("--interval", metavar="SECONDS", min=0.1, help="Refresh interval of --watch.")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Compare each record's code hash with the working tree: fresh or stale.
+
+    Stale rows name the changed files of the module's import closure (comments,
+    whitespace and docstrings do not count). Dispatched experiments are
+    reconciled with their execution (for example the Slurm queue) first.
+    """
+    import time
+
+    from machinable.reproduce import status
+
+    while True:
+        report = status(modules or None, every=every)
+        if as_json:
+            import orjson
+
+            _out(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode())
+        else:
+            if watch and sys.stdout.isatty():
+                print("\033[2J\033[H", end="")
+            _out(report.render())
+        if not watch:
+            break
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            return
+    if check and not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("reproduce", short_help="Re-execute recorded experiments in isolation and compare their outputs.")
+def reproduce_command(
+    targets: Annotated[
+        Optional[list[str]],
+        typer.Argument(metavar="[ID | MODULE...] [KEY=VALUE]...", help="An experiment id (prefix), or with --all the modules to cover; KEY=VALUE pairs configure --execution.", show_default=False),
+    ] = None,
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 if any output does not reproduce.")] = False,
+    rtol: Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance for numbers (result, records, JSON and .npy data).")] = 0.0,
+    atol: Annotated[float, typer.Option("--atol", min=0.0, help="Absolute tolerance for numbers.")] = 0.0,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the worktree and scratch storage for inspection.")] = False,
+    compare_output: Annotated[bool, typer.Option("--compare-output", help="Also compare the captured stdout/stderr.")] = False,
+    every: Annotated[bool, typer.Option("--all", help="Every finished experiment (of the given modules).")] = False,
+    sample: Annotated[Optional[int], typer.Option("--sample", metavar="N", min=1, help="With --all: a random sample of N experiments.", show_default=False)] = None,
+    execution: Annotated[Optional[str], typer.Option("--execution", metavar="NAME", help="Run through this execution (e.g. multiprocess processes=4).", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False,
+) -> None:
+    """Re-execute at the recorded commit + uncommitted diff (a temporary git worktree),
+    with the same config and seed, in a scratch storage and a separate process;
+    compare result, records, data files (and --compare-output); record the
+    attempt in <id>/reproductions/. The original record is never modified.
+    """
+    from machinable.errors import UsageError
+    from machinable.reproduce import reproduce, reproduce_all
+
+    names = [t for t in targets or [] if "=" not in t]
+    pairs = parse_module_args([execution, *[t for t in targets or [] if "=" in t]])[0].values if execution else {}
+    if not execution and any("=" in t for t in targets or []):
+        raise UsageError("KEY=VALUE pairs configure an execution: give --execution NAME first (e.g. --execution multiprocess processes=4).")
+    options = dict(check=True, rtol=rtol, atol=atol, keep=keep, compare_output=compare_output,
+                   execution=execution, execution_config=pairs, echo=not as_json)
+    if every:
+        reports = reproduce_all(names or None, sample=sample, **options)
+    else:
+        if sample is not None:
+            raise UsageError("--sample N picks experiments for --all: add --all, or give one experiment id.")
+        if len(names) != 1:
+            raise UsageError(f"Give one experiment id (got {len(names)}: {' '.join(names) or 'none'}), or --all [MODULE...].")
+        reports = [reproduce(names[0], **options)]
+    if as_json:
+        import orjson
+
+        _out(orjson.dumps([r.as_json() for r in reports], option=orjson.OPT_INDENT_2).decode())
+    else:
+        for report in reports:
+            _out(report.render())
+        if every:
+            counts = {v: sum(r.verdict == v for r in reports) for v in ("reproduced", "mismatch", "error")}
+            if reports:
+                _out(f"{len(reports)} experiment{'s' if len(reports) != 1 else ''}: "
+                     f"{counts['reproduced']} reproduced, {counts['mismatch']} mismatch, {counts['error']} could not run.")
+            else:
+                from machinable.storage import Storage
+
+                _out(f"No finished experiments to reproduce in {Storage.current().root}.")
+    if check and not all(r.ok for r in reports):
+        raise typer.Exit(1)
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+_GLOBAL_VALUE_OPTIONS = ("--storage",)
+_GLOBAL_FLAGS = ("--debug",)
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """Move ``--storage PATH`` and ``--debug`` to the front, wherever they were given."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            rest.extend(argv[i:])
+            break
+        if token in _GLOBAL_FLAGS:
+            front.append(token)
+        elif token in _GLOBAL_VALUE_OPTIONS and i + 1 < len(argv):
+            front.extend(argv[i:i + 2])
+            i += 1
+        elif token.split("=", 1)[0] in _GLOBAL_VALUE_OPTIONS and "=" in token:
+            front.append(token)
+        else:
+            rest.append(token)
+        i += 1
+    return front + rest
+
+
+def _click() -> Any:
+    """The click that typer runs on (newer typer versions vendor their own)."""
+    import typer.core
+
+    click = getattr(typer.core, "_click", None)
+    if click is None:  # pragma: no cover - typer that depends on the click package
+        import click
+    import importlib
+
+    importlib.import_module(click.__name__ + ".shell_completion")
+    return click
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failed run, 2 usage error, 130 interrupted)."""
+    from machinable.errors import MachinableError
+
+    args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
+    _state["debug"] = "--debug" in args or os.environ.get("MACHINABLE_DEBUG", "") not in ("", "0")
+    click_exceptions = _click().exceptions
+    try:
+        result = app(args=args, prog_name=PROG, standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click_exceptions.NoArgsIsHelpError as e:
+        _out(e.format_message())
+        return 0
+    except click_exceptions.ClickException as e:
+        if _state["debug"]:
+            import traceback
+
+            traceback.print_exc()
+        command = e.ctx.command_path if getattr(e, "ctx", None) is not None else PROG
+        if getattr(e, "ctx", None) is not None and e.ctx.info_name == SEED_COMMAND:
+            command = PROG + " MODULE"
+        hint = f" (see '{command} --help')" if isinstance(e, click_exceptions.UsageError) else ""
+        _note(f"Error: {e.format_message()}{hint}")
+        return e.exit_code
+    except typer.Abort:
+        _note("Aborted.")
+        return 1
     except MachinableError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        raise SystemExit(e.exit_code) from None
+        if _state["debug"]:
+            import traceback
+
+            traceback.print_exc()
+        _note(f"Error: {e}")
+        return getattr(e, "exit_code", 1)
+    except KeyboardInterrupt:
+        _note("Interrupted.")
+        return 130
+    except Exception as e:
+        if _state["debug"]:
+            import traceback
+
+            traceback.print_exc()
+            _note(f"Error: {type(e).__name__}: {e}")
+        else:
+            _note(f"Error: {type(e).__name__}: {e} (unexpected: run again with --debug for the traceback, and please report it)")
+        return 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
