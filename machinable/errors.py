@@ -53,3 +53,7 @@ class ExecutionError(MachinableError):
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class WaitTimeout(MachinableError, TimeoutError):
+    """``experiment.wait(timeout=...)`` gave up before the experiment ended."""

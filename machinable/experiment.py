@@ -308,6 +308,45 @@ class Experiment(Element):
     def events(self) -> list[dict[str, Any]]:
         return self.ledger.events() if self.is_committed() else []
 
+    def wait(self, timeout: float | None = None, *, poll: float = 1.0) -> "Experiment":
+        """Block until the experiment is finished, failed or interrupted; returns it.
+
+        For a non-blocking execution (a cluster) the execution's ``reconcile``
+        is asked while the experiment is dispatched, so a cancelled or vanished
+        job ends the wait too. Raises ``WaitTimeout`` after ``timeout`` seconds.
+        """
+        from machinable.errors import UsageError, WaitTimeout
+        from machinable.ledger import TERMINAL
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            state = self.state
+            if state in ("new", "created"):
+                raise UsageError(f"Experiment {self.short_id} ({self.module}) was never launched: nothing to wait for. Call launch() first.")
+            if state == "dispatched":
+                self._reconcile()
+                state = self.state
+            if state in TERMINAL:
+                return self
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"Experiment {self.short_id} ({self.module}) is still {state} after {timeout:g} s.")
+            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+            delay = min(delay * 1.5, poll)
+
+    def _reconcile(self) -> dict[str, Any]:
+        """Ask the execution that last dispatched this experiment about it (a scheduler, say)."""
+        from machinable.execution import Execution
+
+        dispatched = next((e for e in reversed(self.events()) if e.get("event") == "dispatched"), None)
+        module = ((dispatched or {}).get("execution") or {}).get("module")
+        if not module:
+            return {}
+        cls = self.project.element_class(module, Execution)
+        if cls.blocking:
+            return {}
+        return cls.reconcile([self]).get(self.experiment_id, {})
+
     # --- storing ------------------------------------------------------------------
 
     def commit(self) -> "Experiment":

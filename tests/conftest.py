@@ -68,3 +68,14 @@ def run_python(cwd: Path, code: str, env: dict | None = None, timeout: float = 1
         [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
         env={**os.environ, **(env or {})}, timeout=timeout,
     )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With MACHINABLE_REQUIRE_SLURM=1 (CI) a skipped Slurm test is a failure, not a pass."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("slurm") and os.environ.get("MACHINABLE_REQUIRE_SLURM") == "1":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"Slurm test skipped, but MACHINABLE_REQUIRE_SLURM=1 requires it to run: {reason}"
