@@ -1,0 +1,1103 @@
+"""Status and reproduction: are recorded results still what the code produces?
+
+``status()`` compares each record's code hash with the current working tree
+(hashing every module's import closure once) and reconciles experiments that
+an execution dispatched with that execution's scheduler.
+
+``reproduce()`` re-executes a finished experiment in isolation: a temporary
+``git worktree`` at the recorded commit with the recorded uncommitted diff
+applied, the same config and seed, a scratch storage, a separate process.
+It compares the new outputs with the recorded ones and records the attempt
+beside the original in ``<id>/reproductions/<time>/`` (the original record
+itself is never modified).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from machinable.errors import MachinableError, ModuleNotFound, UsageError
+from machinable.hashing import closure_of, digest_bytes, file_digest
+from machinable.ledger import Ledger
+from machinable.storage import Storage, atomic_write, read_json, read_lines, write_json
+
+REPRODUCTIONS = "reproductions"
+SHORT = 12
+RESULT_FILES = ("result.json", "result.pickle")
+
+
+class ReproductionError(MachinableError):
+    """An experiment could not be re-executed at its recorded code."""
+
+
+# ======================================================================================
+# status
+# ======================================================================================
+
+
+@dataclass
+class StatusRow:
+    """One experiment (or the representative of one config) and its freshness."""
+
+    id: str
+    module: str
+    config: dict[str, Any]
+    config_hash: str
+    seed: str
+    created: str
+    state: str
+    code: str  # "fresh" or "stale"
+    changed: list[str] = field(default_factory=list)  # closure files that differ, e.g. "helper.py (changed)"
+    finished: bool = False  # a finished record with the current code exists (for this config)
+    reason: str | None = None  # scheduler reason, or the error of a failed run
+    execution: str | None = None
+    experiments: int = 1  # records of this config (per-config rows)
+
+    @property
+    def verdict(self) -> str:
+        if self.code == "stale":
+            return "stale"
+        return "fresh" if self.finished else "unfinished"
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "fresh"
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "verdict": self.verdict}
+
+
+@dataclass
+class StatusReport:
+    """What ``machinable status`` prints; ``ok`` is what ``--check`` tests."""
+
+    storage: Path
+    per: str  # "config" or "experiment"
+    rows: list[StatusRow]
+    drift: dict[str, list[str]] = field(default_factory=dict)  # module -> package/python changes
+
+    @property
+    def ok(self) -> bool:
+        return all(row.ok for row in self.rows)
+
+    @property
+    def stale(self) -> list[StatusRow]:
+        return [row for row in self.rows if row.verdict == "stale"]
+
+    @property
+    def unfinished(self) -> list[StatusRow]:
+        return [row for row in self.rows if row.verdict == "unfinished"]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "storage": str(self.storage),
+            "per": self.per,
+            "ok": self.ok,
+            "rows": [row.as_json() for row in self.rows],
+            "drift": self.drift,
+        }
+
+    def render(self) -> str:
+        if not self.rows:
+            return f"No experiments recorded in {self.storage}: nothing to check."
+        varying = _varying_keys(self.rows)
+        lines = _table(
+            ["ID", "MODULE", "CONFIG", "STATE", "STATUS"],
+            [
+                [
+                    row.id[:SHORT],
+                    row.module,
+                    _config_text(row.config, varying.get(row.module, [])),
+                    row.state + (f" ({_shorten(row.reason, 60)})" if row.reason else ""),
+                    _status_text(row),
+                ]
+                for row in self.rows
+            ],
+        )
+        unit = ("config" if self.per == "config" else "experiment") + ("s" if len(self.rows) != 1 else "")
+        counts = [f"{sum(r.verdict == v for r in self.rows)} {v}" for v in ("fresh", "stale", "unfinished")]
+        lines.append(f"{len(self.rows)} {unit}: {', '.join(counts)}.")
+        for module, changes in sorted(self.drift.items()):
+            lines.append(f"environment drift since the newest {module} record: {'; '.join(changes)}")
+        return "\n".join(lines)
+
+
+def _status_text(row: StatusRow) -> str:
+    if row.verdict == "stale":
+        return f"stale ({', '.join(row.changed) or 'code changed'})"
+    return "fresh" if row.verdict == "fresh" else "no finished run"
+
+
+def status(modules: Sequence[str] | None = None, *, every: bool = False, reconcile: bool = True,
+           storage: Storage | None = None, project: Any = None) -> StatusReport:
+    """Freshness of the recorded experiments against the current working tree.
+
+    By default one row per config (its newest record, preferring one with the
+    current code): *fresh* when a finished record with the current code
+    exists, *stale* when the code changed since (naming the changed files of
+    the import closure), *unfinished* otherwise. ``every=True`` gives one row
+    per experiment. Experiments that an execution dispatched are reconciled
+    with it first (``Execution.reconcile``), so their state is the scheduler's.
+    """
+    from machinable.project import Project
+
+    project = project or Project.get()
+    storage = storage or Storage.current()
+    report = StatusReport(storage=storage.root, per="experiment" if every else "config", rows=[])
+    if not storage.root.is_dir():
+        return report
+    names = [project.normalize_name(m) for m in modules or []]
+    records = _load_rows(storage, names)
+    if not records:
+        return report
+    _refresh_states(storage, project, records, reconcile)
+    code = _CodeCache(project, storage)
+    if every:
+        for rec in records:
+            fresh = code.current_hash(rec["module"]) == rec["code_hash"]
+            report.rows.append(_row(rec, code, fresh, finished=fresh and rec["state"] == "finished"))
+    else:
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for rec in records:  # newest first
+            groups.setdefault(rec["config_hash"], []).append(rec)
+        for group in groups.values():
+            current = code.current_hash(group[0]["module"])
+            same_code = [r for r in group if r["code_hash"] == current]
+            finished = [r for r in same_code if r["state"] == "finished"]
+            chosen = (finished or same_code or group)[0]
+            row = _row(chosen, code, bool(same_code), finished=bool(finished))
+            row.experiments = len(group)
+            report.rows.append(row)
+    report.drift = _drift(storage, records)
+    return report
+
+
+def _load_rows(storage: Storage, modules: list[str]) -> list[dict[str, Any]]:
+    where, params = "1", ()
+    if modules:
+        where = f"module IN ({','.join('?' * len(modules))})"
+        params = tuple(modules)
+    rows = []
+    for row in storage.fresh_index().iter_query(where, params, order="created DESC"):
+        if storage.directory(row["id"]).is_dir():
+            row["config"] = orjson.loads(row["config"]) if isinstance(row["config"], str) else row["config"]
+            row["reason"] = None
+            rows.append(row)
+    return rows
+
+
+def _refresh_states(storage: Storage, project: Any, records: list[dict[str, Any]], reconcile: bool) -> None:
+    """States from the ledgers (the index may lag), then from the schedulers."""
+    by_execution: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        if rec["state"] == "finished":
+            continue  # terminal, and sealed: the index cannot lag behind it
+        ledger = Ledger(storage.directory(rec["id"]))
+        events = ledger.events()
+        raw = ledger.state(events, check_claim=False)
+        rec["state"] = ledger.state(events)
+        last = ledger.last(events) or {}
+        if rec["state"] == "failed":
+            rec["reason"] = last.get("error")
+        elif rec["state"] == "interrupted":
+            rec["reason"] = last.get("reason")
+        rec["execution"] = _dispatched_by(events)
+        if raw in ("dispatched", "running") and rec["execution"]:
+            by_execution.setdefault(rec["execution"], []).append(rec)
+    if not reconcile:
+        return
+    for module, group in by_execution.items():
+        for rec, info in zip(group, _reconcile(storage, project, module, group)):
+            if info:
+                rec["state"] = str(info.get("state") or rec["state"])
+                rec["reason"] = info.get("reason") or rec["reason"]
+
+
+def _dispatched_by(events: list[dict[str, Any]]) -> str | None:
+    """The execution module of the last ``dispatched`` event."""
+    for kind in ("dispatched", "started"):
+        for event in reversed(events):
+            if event.get("event") == kind and isinstance(event.get("execution"), dict):
+                return event["execution"].get("module")
+    return None
+
+
+def _reconcile(storage: Storage, project: Any, module: str, group: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    from machinable.experiment import Experiment
+
+    try:
+        cls = execution_class(project, module)
+        experiments = [Experiment.restore(storage, rec["id"], project=project) for rec in group]
+        answer = cls.reconcile(experiments) or {}
+    except MachinableError as e:
+        return [{"reason": f"cannot reconcile with {module}: {e}"} for _ in group]
+    except Exception as e:  # a scheduler query failing must not hide the other rows
+        return [{"reason": f"cannot reconcile with {module}: {type(e).__name__}: {e}"} for _ in group]
+    return [answer.get(rec["id"]) for rec in group]
+
+
+def execution_class(project: Any, module: str) -> type:
+    """The Execution class of a module name as recorded in a ``dispatched`` event."""
+    import importlib
+
+    from machinable.execution import Execution
+    from machinable.project import BUILTINS
+
+    if module.startswith("machinable.") and module not in BUILTINS:
+        alias = next((name for name, target in BUILTINS.items() if target == module), None)
+        if alias is None:
+            try:
+                loaded = importlib.import_module(module)
+            except ImportError as e:
+                raise ModuleNotFound(f"Execution module {module!r} cannot be imported: {e}") from None
+            found = [v for v in vars(loaded).values()
+                     if isinstance(v, type) and issubclass(v, Execution) and v.__module__ == module]
+            if len(found) != 1:
+                raise ModuleNotFound(f"Module {module!r} does not define exactly one Execution class.")
+            return found[0]
+        module = alias
+    return project.element_class(module, Execution)
+
+
+class _CodeCache:
+    """Current closure hash per module and recorded closure per code hash, each computed once."""
+
+    def __init__(self, project: Any, storage: Storage) -> None:
+        self.project, self.storage = project, storage
+        self._current: dict[str, Any] = {}
+        self._recorded: dict[str, dict[str, Any]] = {}
+
+    def closure(self, module: str) -> Any:
+        if module not in self._current:
+            try:
+                entry = self.project.module_file(module)
+            except ModuleNotFound:
+                self._current[module] = None
+            else:
+                self._current[module] = closure_of(self.project.path, entry, exclude=(self.storage.root,))
+        return self._current[module]
+
+    def current_hash(self, module: str) -> str | None:
+        closure = self.closure(module)
+        return closure.code_hash if closure is not None else None
+
+    def changed(self, rec: dict[str, Any]) -> list[str]:
+        key = rec["code_hash"]
+        if key not in self._recorded:
+            try:
+                self._recorded[key] = read_json(self.storage.directory(rec["id"]) / "code.json").get("files", {})
+            except (FileNotFoundError, MachinableError):
+                self._recorded[key] = {}
+        recorded = self._recorded[key]
+        closure = self.closure(rec["module"])
+        if closure is None:
+            return [f"{rec['module'].replace('.', '/')}.py (removed)"]
+        now = {path: info.normalized for path, info in closure.files.items()}
+        out = []
+        for path in sorted(set(recorded) | set(now)):
+            if path not in now:
+                out.append(f"{path} (removed)")
+            elif path not in recorded:
+                out.append(f"{path} (added)")
+            elif recorded[path].get("normalized") != now[path]:
+                out.append(f"{path} (changed)")
+        return out
+
+
+def _row(rec: dict[str, Any], code: _CodeCache, fresh: bool, *, finished: bool) -> StatusRow:
+    return StatusRow(
+        id=rec["id"],
+        module=rec["module"],
+        config=rec["config"],
+        config_hash=rec["config_hash"],
+        seed=str(rec["seed"]),
+        created=rec["created"],
+        state=rec["state"],
+        code="fresh" if fresh else "stale",
+        changed=[] if fresh else code.changed(rec),
+        finished=finished,
+        reason=rec.get("reason"),
+        execution=rec.get("execution"),
+    )
+
+
+def _drift(storage: Storage, records: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Package and Python changes since each module's newest record."""
+    import platform
+
+    from machinable.environment import _version
+
+    newest: dict[str, str] = {}
+    for rec in records:
+        newest.setdefault(rec["module"], rec["id"])
+    drift: dict[str, list[str]] = {}
+    for module, experiment_id in newest.items():
+        try:
+            env = read_json(storage.directory(experiment_id) / "env.json")
+        except (FileNotFoundError, MachinableError):
+            continue
+        now = {"python": platform.python_version(), "packages": {name: _version(name) for name in env.get("packages", {})}}
+        changes = environment_differences(env, now, keys=("python",))
+        if changes:
+            drift[module] = changes
+    return drift
+
+
+def environment_differences(recorded: dict[str, Any], now: dict[str, Any],
+                            keys: Sequence[str] = ("python", "implementation", "machine", "platform", "machinable")) -> list[str]:
+    """``"numpy 1.26.4 -> 2.0.0"`` lines for what differs between two env.json documents."""
+    out = []
+    for key in keys:
+        if recorded.get(key) != now.get(key):
+            out.append(f"{key} {recorded.get(key)} -> {now.get(key)}")
+    before, after = recorded.get("packages") or {}, now.get("packages") or {}
+    for name in sorted(set(before) | set(after)):
+        if before.get(name) != after.get(name):
+            out.append(f"{name} {before.get(name) or 'absent'} -> {after.get(name) or 'absent'}")
+    return out
+
+
+# ======================================================================================
+# reproduce
+# ======================================================================================
+
+
+@dataclass
+class Comparison:
+    """One compared output: ``item`` is "run", "code", "result", "records", "data/x.npy", "output"."""
+
+    item: str
+    match: bool
+    detail: str = ""
+
+
+@dataclass
+class ReproductionReport:
+    """The facts of one reproduction; ``ok`` is what ``--check`` tests."""
+
+    experiment_id: str
+    module: str
+    commit: str | None
+    dirty: bool
+    rtol: float = 0.0
+    atol: float = 0.0
+    checked: bool = True
+    state: str | None = None  # of the re-execution: finished, failed, ...
+    reproduced_id: str | None = None
+    comparisons: list[Comparison] = field(default_factory=list)
+    environment: list[str] = field(default_factory=list)  # recorded -> reproduction
+    error: str | None = None  # why it could not be re-executed at all
+    record: Path | None = None  # <id>/reproductions/<time>/
+    kept: Path | None = None  # the worktree, with --keep
+    output_tail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.state == "finished" and all(c.match for c in self.comparisons)
+
+    @property
+    def mismatches(self) -> list[Comparison]:
+        return [c for c in self.comparisons if not c.match]
+
+    @property
+    def verdict(self) -> str:
+        if self.error is not None:
+            return "error"
+        if not self.checked:
+            return "re-executed" if self.state == "finished" else "failed"
+        return "reproduced" if self.ok else "mismatch"
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(ok=self.ok, verdict=self.verdict, record=str(self.record) if self.record else None,
+                    kept=str(self.kept) if self.kept else None)
+        return data
+
+    def render(self) -> str:
+        where = f"commit {self.commit[:SHORT] if self.commit else '?'}" + (" + recorded uncommitted changes" if self.dirty else "")
+        lines = [f"{self.experiment_id[:SHORT]} {self.module} at {where}"]
+        if self.error is not None:
+            lines.append(f"  cannot reproduce: {self.error}")
+        rows = [[c.item, "match" if c.match else "MISMATCH", c.detail] for c in self.comparisons]
+        if rows:
+            lines.extend("  " + line for line in _table(["OUTPUT", "", "DETAIL"], rows, header=False))
+        if self.environment:
+            lines.append(f"  environment differs: {'; '.join(self.environment)}")
+        if self.kept is not None:
+            lines.append(f"  kept: {self.kept} (remove with: git worktree remove --force {self.kept / 'worktree'})")
+        if self.error is None and self.checked:
+            tolerance = f" (rtol={self.rtol:g}, atol={self.atol:g})" if self.rtol or self.atol else ""
+            lines.append(f"  {'reproduced' if self.ok else 'NOT reproduced'}: "
+                         f"{len(self.comparisons) - len(self.mismatches)} of {len(self.comparisons)} match{tolerance}")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Original:
+    id: str
+    directory: Path
+    record: dict[str, Any]
+    git: dict[str, Any]
+    diff: bytes
+
+    @property
+    def project_rel(self) -> Path:
+        try:
+            return Path(self.record["project"]).relative_to(Path(self.git["worktree"]))
+        except (KeyError, TypeError, ValueError):
+            return Path()
+
+    @property
+    def checkout_key(self) -> tuple[str, str, str]:
+        return (str(self.git.get("commit")), digest_bytes(self.diff), self.project_rel.as_posix())
+
+
+def reproduce(experiment: Any, *, check: bool = True, rtol: float = 0.0, atol: float = 0.0, keep: bool = False,
+              compare_output: bool = False, execution: str | None = None, execution_config: dict[str, Any] | None = None,
+              storage: Storage | None = None, project: Any = None, echo: bool = True) -> ReproductionReport:
+    """Re-execute a finished experiment (object, id or id prefix) in isolation and compare.
+
+    ``check=False`` re-executes without comparing. Raises ``ReproductionError``
+    when it cannot be re-executed at all (recorded commit gone, no git
+    history, the recorded diff does not apply); the attempt is still recorded.
+    """
+    storage, project = _context(experiment, storage, project)
+    original = _original(storage, experiment if isinstance(experiment, str) else experiment.experiment_id)
+    report = _reproduce_group([original], storage=storage, project=project, check=check, rtol=rtol, atol=atol,
+                              keep=keep, compare_output=compare_output, execution=_execution_spec(project, execution, execution_config),
+                              echo=echo)[0]
+    if report.error is not None:
+        raise ReproductionError(report.error)
+    return report
+
+
+def reproduce_all(modules: Sequence[str] | None = None, *, sample: int | None = None, check: bool = True,
+                  rtol: float = 0.0, atol: float = 0.0, keep: bool = False, compare_output: bool = False,
+                  execution: str | None = None, execution_config: dict[str, Any] | None = None,
+                  storage: Storage | None = None, project: Any = None, echo: bool = True) -> list[ReproductionReport]:
+    """Reproduce every finished experiment (of ``modules``), or a random ``sample`` of them.
+
+    Experiments recorded from the same commit and diff share one worktree;
+    with ``execution`` each worktree's experiments run through that execution
+    (in one separate process), otherwise each in its own process.
+    """
+    import random
+
+    from machinable.project import Project
+
+    project = project or Project.get()
+    storage = storage or Storage.current()
+    if sample is not None and sample < 1:
+        raise UsageError(f"Invalid --sample {sample}: give a positive number of experiments.")
+    spec = _execution_spec(project, execution, execution_config)
+    ids: list[str] = []
+    for module in [project.normalize_name(m) for m in modules or []] or [None]:
+        ids.extend(e.experiment_id for e in storage.find(module, state="finished"))
+    if sample is not None and sample < len(ids):
+        ids = random.sample(ids, sample)
+    groups: dict[tuple[str, str, str], list[_Original]] = {}
+    for experiment_id in ids:
+        original = _original(storage, experiment_id)
+        groups.setdefault(original.checkout_key, []).append(original)
+    reports: list[ReproductionReport] = []
+    for group in groups.values():
+        reports.extend(_reproduce_group(group, storage=storage, project=project, check=check, rtol=rtol, atol=atol,
+                                        keep=keep, compare_output=compare_output, execution=spec, echo=echo))
+    return reports
+
+
+def reproductions(experiment: Any, storage: Storage | None = None) -> list[dict[str, Any]]:
+    """The recorded reproduction attempts of an experiment (verdict.json documents), oldest first."""
+    storage = storage or getattr(experiment, "storage", None) or Storage.current()
+    experiment_id = experiment if isinstance(experiment, str) else experiment.experiment_id
+    folder = storage.directory(storage.resolve(experiment_id)) / REPRODUCTIONS
+    out = []
+    for attempt in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            verdict = read_json(attempt / "verdict.json")
+        except (FileNotFoundError, NotADirectoryError, MachinableError):
+            events = read_lines(attempt / "events.jsonl")
+            verdict = {"verdict": "incomplete", "ok": False, "started": events[0].get("time") if events else None}
+        out.append({**verdict, "directory": str(attempt)})
+    return out
+
+
+def _context(experiment: Any, storage: Storage | None, project: Any) -> tuple[Storage, Any]:
+    from machinable.project import Project
+
+    if not isinstance(experiment, str):
+        storage = storage or experiment.storage
+        project = project or experiment.project
+    return storage or Storage.current(), project or Project.get()
+
+
+def _original(storage: Storage, experiment_id: str) -> _Original:
+    experiment_id = storage.resolve(experiment_id)
+    directory = storage.directory(experiment_id)
+    record = read_json(directory / "experiment.json")
+    state = Ledger(directory).state()
+    if state != "finished":
+        raise UsageError(
+            f"Experiment {experiment_id[:SHORT]} ({record['module']}) is {state}: only finished experiments can be "
+            "reproduced. Launch it to finish it first."
+        )
+    try:
+        git_info = read_json(directory / "git.json")
+    except FileNotFoundError:
+        git_info = {"repository": False}
+    try:
+        diff = (directory / "git.diff").read_bytes()
+    except FileNotFoundError:
+        diff = b""
+    return _Original(experiment_id, directory, record, git_info, diff)
+
+
+def _execution_spec(project: Any, name: str | None, config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Resolve ``--execution NAME`` (a project module, or a built-in such as ``multiprocess``)."""
+    from machinable.project import BUILTINS
+
+    if not name:
+        if config:
+            raise UsageError("key=value pairs configure an execution: give --execution NAME before them.")
+        return None
+    name = project.normalize_name(name)
+    try:
+        project.module_file(name)
+    except ModuleNotFound:
+        builtin = f"machinable.execution.{name}"
+        if builtin not in BUILTINS:
+            raise
+        name = builtin
+    return {"module": name, "config": dict(config or {})}
+
+
+# --- one worktree ---------------------------------------------------------------------
+
+
+class _Checkout:
+    """A temporary worktree at a commit with a diff applied; always removed unless kept."""
+
+    def __init__(self, repo: Path, commit: str, diff: bytes, project_rel: Path, keep: bool) -> None:
+        self.repo, self.commit, self.diff, self.keep = repo, commit, diff, keep
+        self.root = Path(tempfile.mkdtemp(prefix="machinable-reproduce-"))
+        self.worktree = self.root / "worktree"
+        self.project = self.worktree / project_rel
+        self.storage = self.root / "storage"
+        self._added = False
+
+    def __enter__(self) -> "_Checkout":
+        from machinable import git
+
+        try:
+            git.create_worktree(self.repo, self.commit, self.worktree)
+            self._added = True
+            git.apply_diff(self.worktree, self.diff)
+        except BaseException as e:
+            self.remove()
+            if isinstance(e, MachinableError):
+                raise ReproductionError(str(e)) from None
+            if isinstance(e, Exception):
+                raise ReproductionError(f"Could not create a worktree at commit {self.commit[:SHORT]}: {e}") from None
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.keep:
+            self.remove()
+
+    def remove(self) -> None:
+        from machinable import git
+
+        if self._added:
+            try:
+                git.remove_worktree(self.repo, self.worktree)
+            except Exception:
+                pass  # a pruned or half-made worktree: the folder goes below either way
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _reproduce_group(group: list[_Original], *, storage: Storage, project: Any, check: bool, rtol: float,
+                     atol: float, keep: bool, compare_output: bool, execution: dict[str, Any] | None,
+                     echo: bool) -> list[ReproductionReport]:
+    """Reproduce experiments recorded from one commit + diff, sharing one worktree."""
+    reports = {
+        o.id: ReproductionReport(experiment_id=o.id, module=o.record["module"], commit=o.git.get("commit"),
+                                 dirty=bool(o.diff.strip()), rtol=rtol, atol=atol, checked=check)
+        for o in group
+    }
+    attempts: dict[str, _Attempt] = {}
+    try:
+        for original in group:
+            attempts[original.id] = _Attempt(original.directory, reports[original.id], execution)
+        repo, commit = _checkout_source(project, group[0])
+        with _Checkout(repo, commit, group[0].diff, group[0].project_rel, keep) as checkout:
+            if keep:
+                for report in reports.values():
+                    report.kept = checkout.root
+            _run(checkout, group, reports, execution, project.path, echo)
+            for original in group:
+                report = reports[original.id]
+                if report.reproduced_id and report.error is None:
+                    _compare(original, checkout.storage / report.reproduced_id, report, check=check, compare_output=compare_output)
+                    attempts[original.id].keep_output(checkout.storage / report.reproduced_id / "output.log")
+    except ReproductionError as e:
+        for report in reports.values():
+            report.error = str(e)
+    finally:
+        for attempt in attempts.values():
+            attempt.close()
+    return [reports[o.id] for o in group]
+
+
+def _checkout_source(project: Any, original: _Original) -> tuple[Path, str]:
+    from machinable import git
+
+    name = f"Experiment {original.id[:SHORT]} ({original.record['module']})"
+    if not original.git.get("repository"):
+        raise ReproductionError(f"{name} was recorded outside a git repository: there is no commit to re-execute it at.")
+    commit = original.git.get("commit")
+    if not commit:
+        raise ReproductionError(f"{name} was recorded before the repository's first commit: there is no commit to re-execute it at.")
+    head = git.read_head(project.path)
+    if head is None:
+        raise ReproductionError(f"{project.path} is not inside a git repository: reproduce needs the history that holds commit {commit[:SHORT]}.")
+    if not git.commit_exists(head.worktree, commit):
+        raise ReproductionError(
+            f"{name} was recorded at commit {commit[:SHORT]}, which is not in the repository {head.worktree}: it was "
+            "rebased or amended away, or not fetched (in CI, check out the full history, e.g. fetch-depth: 0). "
+            "Without it the experiment cannot be re-executed at its recorded code."
+        )
+    return head.worktree, commit
+
+
+def _run(checkout: _Checkout, group: list[_Original], reports: dict[str, ReproductionReport],
+         execution: dict[str, Any] | None, origin: Path, echo: bool) -> None:
+    """Execute in separate processes: one per experiment, or one per group through ``execution``."""
+    batches = [group] if execution is not None else [[o] for o in group]
+    for i, batch in enumerate(batches):
+        spec = {
+            "project": str(checkout.project),
+            "storage": str(checkout.storage),
+            "execution": execution,
+            "origin": str(origin),
+            "experiments": [
+                {"id": o.id, "module": o.record["module"], "config": o.record["config"], "seed": int(o.record["seed"])}
+                for o in batch
+            ],
+        }
+        prefix = f"[{batch[0].id[:SHORT]}] " if len(batch) == 1 else "[reproduce] "
+        results, rc, tail = _child(checkout.root / f"spec-{i}.json", spec, checkout.project, prefix, echo)
+        for original in batch:
+            report = reports[original.id]
+            report.output_tail = tail
+            found = results.get(original.id)
+            if found is None:
+                report.state = "failed"
+                report.comparisons.append(Comparison(
+                    "run", False, f"the reproduction process exited with code {rc} before running it: {_last_line(tail)}"))
+                continue
+            report.reproduced_id = found.get("id")
+            if not report.reproduced_id:
+                report.state = "failed"
+                report.comparisons.append(Comparison("run", False, found.get("error") or _last_line(tail)))
+                continue
+            # the scratch ledger, not the child's word: the child may have died mid-run
+            report.state = Ledger(checkout.storage / report.reproduced_id).state(check_claim=False)
+
+
+def _child(spec_path: Path, spec: dict[str, Any], cwd: Path, prefix: str, echo: bool) -> tuple[dict[str, Any], int, str]:
+    results_path = spec_path.with_suffix(".results.json")
+    spec["results"] = str(results_path)
+    atomic_write(spec_path, orjson.dumps(spec))
+    env = {**os.environ, "MACHINABLE_STORAGE": spec["storage"], "PYTHONUNBUFFERED": "1"}
+    env.pop("MACHINABLE_OUTPUT_PREFIX", None)
+    command = [sys.executable, "-c", "from machinable.reproduce import _child_main; _child_main()", str(spec_path)]
+    if not cwd.is_dir():
+        return {}, -1, f"the project folder {cwd} does not exist at the recorded commit"
+    tail: deque[str] = deque(maxlen=40)
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace")
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line)
+            if echo:
+                sys.stdout.write(prefix + line)
+                sys.stdout.flush()
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    try:
+        results = orjson.loads(results_path.read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        results = {}
+    return results, rc, "".join(tail)
+
+
+def _child_main() -> None:
+    """Entry point of the reproduction process (cwd: the worktree's project folder)."""
+    from machinable.experiment import Experiment
+    from machinable.project import Project
+
+    spec = orjson.loads(Path(sys.argv[1]).read_bytes())
+    results: dict[str, dict[str, Any]] = {}
+    project = Project(spec["project"])
+    storage = Storage.at(spec["storage"])
+    made = []
+    with project, storage:
+        for item in spec["experiments"]:
+            try:
+                cls = project.element_class(item["module"], Experiment)
+                experiment = cls(item["config"], module=item["module"], project=project, seed=item["seed"], storage=storage)
+                experiment.commit()
+                results[item["id"]] = {"id": experiment.experiment_id}
+                made.append((item["id"], experiment))
+            except Exception as e:
+                traceback.print_exc()
+                results[item["id"]] = {"error": f"{type(e).__name__}: {e}"}
+        # written before running, so that the parent finds the runs even if this process dies in one
+        atomic_write(Path(spec["results"]), orjson.dumps(results))
+        if spec["execution"] is None:
+            for _, experiment in made:
+                try:
+                    experiment()
+                except Exception:  # the ledger's failed event has it; keep going
+                    traceback.print_exc()
+        elif made:
+            _child_dispatch(project, spec["execution"], spec["origin"], [e for _, e in made])
+
+
+def _child_dispatch(project: Any, spec: dict[str, Any], origin: str, experiments: list[Any]) -> None:
+    from machinable.execution import Execution
+    from machinable.project import BUILTINS
+
+    name = spec["module"]
+    try:
+        cls = project.element_class(name, Execution)
+    except ModuleNotFound:
+        if name in BUILTINS:
+            raise
+        # an execution added after the recorded commit: take it from the working tree
+        cls = type(project)(origin).element_class(name, Execution)
+    execution = cls(spec["config"], module=name, project=project)
+    try:
+        with execution:
+            for experiment in experiments:
+                experiment.launch()
+    except MachinableError as e:
+        print(f"machinable: {e}", file=sys.stderr)
+
+
+# --- comparing ------------------------------------------------------------------------
+
+
+def _compare(original: _Original, reproduced: Path, report: ReproductionReport, *, check: bool, compare_output: bool) -> None:
+    recorded = original.directory
+    report.comparisons.append(_compare_run(report, reproduced))
+    report.comparisons.append(_compare_code(recorded, reproduced))
+    try:
+        report.environment = environment_differences(read_json(recorded / "env.json"), read_json(reproduced / "env.json"))
+    except (FileNotFoundError, MachinableError):
+        pass
+    if not check or report.state != "finished":
+        return
+    rtol, atol = report.rtol, report.atol
+    report.comparisons.append(_compare_result(recorded / "data", reproduced / "data", rtol, atol))
+    report.comparisons.append(_compare_records(recorded, reproduced, rtol, atol))
+    names = sorted(set(_data_files(recorded / "data")) | set(_data_files(reproduced / "data")))
+    for name in names:
+        report.comparisons.append(_compare_file(f"data/{name}", recorded / "data" / name, reproduced / "data" / name, rtol, atol))
+    if compare_output:
+        report.comparisons.append(_compare_output(recorded / "output.log", reproduced / "output.log"))
+
+
+def _compare_run(report: ReproductionReport, reproduced: Path) -> Comparison:
+    if report.state == "finished":
+        same = report.reproduced_id == report.experiment_id
+        return Comparison("run", True, "finished, same id" if same else f"finished as {report.reproduced_id}")
+    events = read_lines(reproduced / "events.jsonl")
+    failed = next((e for e in reversed(events) if e.get("event") == "failed"), None)
+    detail = failed.get("error", "failed") if failed else f"did not finish (state {report.state})"
+    if report.state in ("dispatched", "created"):
+        detail += ": reproduce needs an execution that waits for its experiments"
+    return Comparison("run", False, detail)
+
+
+def _compare_code(recorded: Path, reproduced: Path) -> Comparison:
+    try:
+        before = read_json(recorded / "code.json").get("files", {})
+        after = read_json(reproduced / "code.json").get("files", {})
+    except (FileNotFoundError, MachinableError) as e:
+        return Comparison("code", False, f"cannot compare: {e}")
+    problems = [f"{p} missing" for p in sorted(set(before) - set(after))]
+    problems += [f"{p} extra" for p in sorted(set(after) - set(before))]
+    problems += [f"{p} differs" for p in sorted(set(before) & set(after)) if before[p].get("object") != after[p].get("object")]
+    if problems:
+        return Comparison("code", False, "the worktree's import closure is not the recorded one: " + ", ".join(problems))
+    return Comparison("code", True, f"{len(before)} file{'s' if len(before) != 1 else ''} identical")
+
+
+def _compare_result(recorded: Path, reproduced: Path, rtol: float, atol: float) -> Comparison:
+    kind_a = next((n for n in RESULT_FILES if (recorded / n).exists()), None)
+    kind_b = next((n for n in RESULT_FILES if (reproduced / n).exists()), None)
+    if kind_a is None and kind_b is None:
+        return Comparison("result", True, "none returned")
+    if kind_a != kind_b:
+        return Comparison("result", False, f"recorded {kind_a or 'none'}, reproduced {kind_b or 'none'}")
+    if kind_a == "result.json":
+        a = orjson.loads((recorded / kind_a).read_bytes())
+        b = orjson.loads((reproduced / kind_a).read_bytes())
+        return _verdict("result", list(_differences(a, b, rtol, atol, "result")), _short(a))
+    return _compare_digest("result", recorded / kind_a, reproduced / kind_a)
+
+
+def _compare_records(recorded: Path, reproduced: Path, rtol: float, atol: float) -> Comparison:
+    a = read_lines(recorded / "records.jsonl")
+    b = read_lines(reproduced / "records.jsonl")
+    if len(a) != len(b):
+        return Comparison("records", False, f"recorded {len(a)} rows, reproduced {len(b)}")
+    return _verdict("records", list(_differences(a, b, rtol, atol, "records")), f"{len(a)} rows")
+
+
+def _data_files(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return [
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name not in RESULT_FILES and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+    ]
+
+
+def _compare_file(item: str, a: Path, b: Path, rtol: float, atol: float) -> Comparison:
+    if not b.exists():
+        return Comparison(item, False, "missing in the reproduction")
+    if not a.exists():
+        return Comparison(item, False, "only in the reproduction")
+    suffix = a.suffix.lower()
+    if suffix == ".json":
+        try:
+            x, y = orjson.loads(a.read_bytes()), orjson.loads(b.read_bytes())
+        except orjson.JSONDecodeError:
+            return _compare_digest(item, a, b)
+        return _verdict(item, list(_differences(x, y, rtol, atol, item)), "values match")
+    if suffix == ".npy":
+        try:
+            return _compare_npy(item, a, b, rtol, atol)
+        except ImportError:
+            pass
+    return _compare_digest(item, a, b)
+
+
+def _compare_digest(item: str, a: Path, b: Path) -> Comparison:
+    same = file_digest(a) == file_digest(b)
+    return Comparison(item, same, "identical bytes" if same else "content differs (exact comparison)")
+
+
+def _compare_npy(item: str, a: Path, b: Path, rtol: float, atol: float) -> Comparison:
+    import numpy
+
+    x, y = numpy.load(a, allow_pickle=False), numpy.load(b, allow_pickle=False)
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return Comparison(item, False, f"recorded {x.dtype}{list(x.shape)}, reproduced {y.dtype}{list(y.shape)}")
+    if x.dtype.kind in "fc":
+        bound = numpy.maximum(rtol * numpy.maximum(numpy.abs(x), numpy.abs(y)), atol)
+        with numpy.errstate(invalid="ignore"):
+            close = (x == y) | (numpy.abs(x - y) <= bound) | (numpy.isnan(x) & numpy.isnan(y))
+    else:
+        close = x == y
+    bad = int(close.size - numpy.count_nonzero(close))
+    if bad:
+        where = tuple(int(i) for i in numpy.argwhere(~close)[0])
+        return Comparison(item, False, f"{bad} of {close.size} values differ; first at {list(where)}: "
+                                       f"recorded {x[where].item()!r}, reproduced {y[where].item()!r}")
+    return Comparison(item, True, f"{x.dtype}{list(x.shape)} values match")
+
+
+def _compare_output(a: Path, b: Path) -> Comparison:
+    def last_attempt(path: Path) -> list[str]:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+        starts = [i for i, line in enumerate(lines) if line.startswith("--- attempt ")]
+        return lines[starts[-1] + 1:] if starts else lines
+
+    x, y = last_attempt(a), last_attempt(b)
+    for i, (left, right) in enumerate(zip(x, y)):
+        if left != right:
+            return Comparison("output", False, f"line {i + 1}: recorded {left!r}, reproduced {right!r}")
+    if len(x) != len(y):
+        return Comparison("output", False, f"recorded {len(x)} lines, reproduced {len(y)}")
+    return Comparison("output", True, f"{len(x)} lines identical")
+
+
+def _verdict(item: str, differences: list[str], detail: str) -> Comparison:
+    if not differences:
+        return Comparison(item, True, detail)
+    shown = "; ".join(differences[:3])
+    more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+    return Comparison(item, False, shown + more)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def close(a: float, b: float, rtol: float = 0.0, atol: float = 0.0) -> bool:
+    """``math.isclose`` semantics: |a-b| <= max(rtol * max(|a|, |b|), atol); NaN equals NaN."""
+    if a == b:
+        return True
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    try:
+        return math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
+    except OverflowError:
+        return False
+
+
+def _differences(a: Any, b: Any, rtol: float, atol: float, path: str) -> Iterator[str]:
+    if _is_number(a) and _is_number(b):
+        if not close(a, b, rtol, atol):
+            yield f"{path}: recorded {a!r}, reproduced {b!r}"
+    elif isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            where = f"{path}.{key}"
+            if key not in b:
+                yield f"{where}: missing in the reproduction"
+            elif key not in a:
+                yield f"{where}: only in the reproduction"
+            else:
+                yield from _differences(a[key], b[key], rtol, atol, where)
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            yield f"{path}: recorded {len(a)} items, reproduced {len(b)}"
+            return
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from _differences(x, y, rtol, atol, f"{path}[{i}]")
+    elif type(a) is not type(b) or a != b:
+        yield f"{path}: recorded {_short(a)}, reproduced {_short(b)}"
+
+
+# --- the attempt record -----------------------------------------------------------------
+
+
+class _Attempt:
+    """``<id>/reproductions/<time>/``: events.jsonl, verdict.json, output.log of one attempt."""
+
+    def __init__(self, directory: Path, report: ReproductionReport, execution: dict[str, Any] | None) -> None:
+        self.report = report
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        self.path = _reproductions_folder(directory) / f"{stamp}-{uuid.uuid4().hex[:6]}"
+        try:
+            self.path.mkdir()
+        except OSError as e:
+            from machinable.storage import _storage_error
+
+            raise _storage_error(e, "reproduction record", self.path) from e
+        report.record = self.path
+        self.ledger = Ledger(self.path)
+        self.ledger.append("started", commit=report.commit, dirty=report.dirty, rtol=report.rtol, atol=report.atol,
+                           execution=execution)
+
+    def keep_output(self, log: Path) -> None:
+        if log.is_file():
+            shutil.copyfile(log, self.path / "output.log")
+
+    def close(self) -> None:
+        report = self.report
+        write_json(self.path / "verdict.json", {"time": _now(), **report.as_json()})
+        if report.error is not None:
+            self.ledger.append("failed", error=report.error)
+        else:
+            self.ledger.append("finished", verdict=report.verdict, ok=report.ok)
+
+
+def _reproductions_folder(directory: Path) -> Path:
+    """The writable folder beside a sealed (read-only) record."""
+    import stat
+
+    folder = directory / REPRODUCTIONS
+    if folder.is_dir():
+        return folder
+    try:
+        folder.mkdir()
+    except PermissionError:
+        # a record sealed before reproductions/ was made at seal time
+        mode = stat.S_IMODE(directory.stat().st_mode)
+        os.chmod(directory, mode | stat.S_IWUSR)
+        try:
+            folder.mkdir(exist_ok=True)
+        finally:
+            os.chmod(directory, mode)
+    except FileExistsError:
+        pass
+    return folder
+
+
+# --- formatting -------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value) if not isinstance(value, (dict, list)) else orjson.dumps(value).decode()
+    return _shorten(text, limit)
+
+
+def _shorten(text: str | None, limit: int) -> str:
+    text = (text or "").replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output"
+
+
+def _table(headers: list[str], rows: list[list[str]], *, header: bool = True) -> list[str]:
+    """Plain aligned columns (no wrapping, so CI logs and pipes stay readable)."""
+    widths = [max([len(h) if header else 0, *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = [headers] if header else []
+    lines.extend(rows)
+    return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+
+
+def _varying_keys(rows: list[StatusRow]) -> dict[str, list[str]]:
+    """Per module, the config keys whose values differ between the rows (the rest is noise)."""
+    from machinable.config import flatten
+
+    values: dict[str, dict[str, set[str]]] = {}
+    for row in rows:
+        flat = flatten(row.config)
+        keys = values.setdefault(row.module, {})
+        for key, value in flat.items():
+            keys.setdefault(key, set()).add(orjson.dumps(value).decode())
+    return {module: [k for k, v in keys.items() if len(v) > 1] for module, keys in values.items()}
+
+
+def _config_text(config: dict[str, Any], keys: list[str]) -> str:
+    from machinable.config import flatten
+
+    flat = flatten(config)
+    text = " ".join(f"{k}={orjson.dumps(flat[k]).decode()}" for k in keys if k in flat)
+    return _shorten(text, 40) or "-"

@@ -1,0 +1,316 @@
+"""reproduce: re-execution at the recorded commit + diff in isolation, compared with the record."""
+
+from __future__ import annotations
+
+import json
+import random
+import textwrap
+from pathlib import Path
+
+import numpy
+import pytest
+
+from machinable import get
+from machinable.errors import UsageError
+from machinable.reproduce import ReproductionError, environment_differences, reproductions
+from machinable.storage import verify_manifest
+
+from conftest import git, run_machinable
+
+
+def write(root: Path, rel: str, source: str) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def commit_all(root: Path, message: str = "more") -> None:
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", message)
+
+
+def worktrees(root: Path) -> list[str]:
+    return [line for line in git(root, "worktree", "list", "--porcelain").splitlines() if line.startswith("worktree ")]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file of a record except the reproductions/ folder beside it."""
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.relative_to(directory).parts[0] != "reproductions"
+    }
+
+
+NOISY = """
+    import os
+
+    import numpy
+    from machinable import Experiment
+
+
+    class Noisy(Experiment):
+        # NOISE stands for anything outside the record: a library, a GPU, the machine
+        def on_execute(self):
+            factor = 1.0 + float(os.environ.get("NOISE", "0"))
+            self.record(step=0, loss=0.5 * factor)
+            self.save_data("weights.npy", numpy.arange(4, dtype=float) * factor)
+            self.save_data("metrics.json", {"accuracy": 0.75 * factor, "epochs": 3})
+            self.save_data("notes.txt", "same every time")
+            return 1155.5555555555557 * factor
+"""
+
+
+def test_a_deterministic_experiment_reproduces_and_the_original_is_untouched(project, tmp_path):
+    experiment = get("estimate_gravity", {"time_dilation": 1.5})
+    experiment.launch()
+    before = snapshot(experiment.directory)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+
+    result = run_machinable(project, "reproduce", experiment.short_id, "--check", "--compare-output",
+                            env={"TMPDIR": str(scratch)})
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Assuming height of 52 and time of 0.44999999999999996" in result.stdout  # shown live
+    assert "result   match  513.5802469135804" in result.stdout
+    assert "output   match  2 lines identical" in result.stdout
+    assert "reproduced: 5 of 5 match" in result.stdout
+    assert snapshot(experiment.directory) == before
+    assert verify_manifest(experiment.directory) == []
+    assert len(worktrees(project)) == 1 and list(scratch.iterdir()) == []  # worktree and scratch removed
+    [attempt] = reproductions(experiment)
+    assert attempt["ok"] is True and attempt["verdict"] == "reproduced" and attempt["experiment_id"] == experiment.experiment_id
+    folder = Path(attempt["directory"])
+    assert folder.parent == experiment.directory / "reproductions"
+    assert [e["event"] for e in map(json.loads, (folder / "events.jsonl").read_text().splitlines())] == ["started", "finished"]
+    assert "The gravity on the exoplanet is:" in (folder / "output.log").read_text()
+
+
+def test_code_reading_a_changing_file_fails_the_check_showing_the_differing_record(project, tmp_path):
+    readings = tmp_path / "readings.txt"
+    readings.write_text("1 2 3")
+    write(project, "sensor.py", """
+        from pathlib import Path
+        from machinable import Experiment
+
+
+        class Sensor(Experiment):
+            class Config:
+                source: str = ""
+
+            def on_execute(self):
+                for step, value in enumerate(Path(self.config.source).read_text().split()):
+                    self.record(step=step, value=float(value))
+    """)
+    commit_all(project)
+    experiment = get("sensor", {"source": str(readings)})
+    experiment.launch()
+    readings.write_text("1 5 3")
+
+    result = run_machinable(project, "reproduce", experiment.short_id, "--check")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "records  MISMATCH  records[1].value: recorded 2.0, reproduced 5.0" in result.stdout
+    assert "NOT reproduced: 3 of 4 match" in result.stdout
+    assert "Traceback" not in result.stderr
+    # without --check the same table, but the command itself succeeds
+    assert run_machinable(project, "reproduce", experiment.short_id).returncode == 0
+    assert [a["verdict"] for a in reproductions(experiment)] == ["mismatch", "mismatch"]
+
+
+def test_tolerances_decide_for_numbers_in_result_records_json_and_npy(project, monkeypatch):
+    write(project, "noisy.py", NOISY)
+    commit_all(project)
+    monkeypatch.setenv("NOISE", "1e-12")
+    experiment = get("noisy")
+    experiment.launch()
+    monkeypatch.delenv("NOISE")
+
+    exact = run_machinable(project, "reproduce", experiment.short_id, "--check")
+    assert exact.returncode == 1, exact.stdout + exact.stderr
+    rows = {line.split()[0]: line.split(maxsplit=2)[1:] for line in exact.stdout.splitlines()[1:-1]}
+    factor = 1.0 + 1e-12
+    assert rows["result"] == ["MISMATCH", f"result: recorded {1155.5555555555557 * factor!r}, reproduced 1155.5555555555557"]
+    assert rows["records"] == ["MISMATCH", f"records[0].loss: recorded {0.5 * factor!r}, reproduced 0.5"]
+    assert rows["data/metrics.json"] == ["MISMATCH", f"data/metrics.json.accuracy: recorded {0.75 * factor!r}, reproduced 0.75"]
+    assert rows["data/weights.npy"] == ["MISMATCH", f"3 of 4 values differ; first at [1]: recorded {factor!r}, reproduced 1.0"]
+    assert rows["data/notes.txt"] == ["match", "identical bytes"]
+
+    loose = run_machinable(project, "reproduce", experiment.short_id, "--check", "--rtol", "1e-9")
+    assert loose.returncode == 0, loose.stdout + loose.stderr
+    assert "reproduced: 7 of 7 match (rtol=1e-09, atol=0)" in loose.stdout
+
+    # the same facts in Python
+    report = experiment.reproduce()
+    assert not report.ok and {c.item for c in report.mismatches} == {"result", "records", "data/metrics.json", "data/weights.npy"}
+    assert experiment.reproduce(rtol=1e-9).ok
+    assert experiment.reproduce(atol=1e-6).ok
+
+
+def test_a_run_from_a_dirty_tree_with_an_untracked_helper_reproduces(project):
+    write(project, "helpers.py", """
+        def scale(value):
+            return 3 * value
+    """)
+    source = (project / "estimate_gravity.py").read_text()
+    (project / "estimate_gravity.py").write_text(
+        "from helpers import scale\n" + source.replace("return g", "return scale(g)")
+    )
+    experiment = get("estimate_gravity")
+    experiment.launch()
+    assert experiment.result == pytest.approx(3 * 1155.5555555555557)
+    recorded_git = json.loads((experiment.directory / "git.json").read_text())
+    assert recorded_git["dirty"] and recorded_git["untracked_files"] == ["helpers.py"]
+    status_before = git(project, "status", "--porcelain")
+
+    report = experiment.reproduce()
+
+    assert report.ok, report.render()
+    assert report.dirty and "+ recorded uncommitted changes" in report.render()
+    assert [(c.item, c.detail) for c in report.comparisons[:2]] == [("run", "finished, same id"), ("code", "2 files identical")]
+    assert git(project, "status", "--porcelain") == status_before  # the working tree was not touched
+    assert len(worktrees(project)) == 1
+
+
+def test_unseeded_randomness_does_not_reproduce_and_seed_everything_fixes_it(project):
+    write(project, "draw.py", """
+        import random
+
+        import numpy
+        from machinable import Experiment
+
+
+        class Draw(Experiment):
+            class Config:
+                seeded: bool = True
+
+            def on_execute(self):
+                if self.config.seeded:
+                    self.seed_everything()
+                return [random.random(), float(numpy.random.rand())]
+    """)
+    commit_all(project)
+    seeded, unseeded = get("draw"), get("draw", {"seeded": False})
+    seeded.launch()
+    unseeded.launch()
+
+    assert seeded.reproduce().ok
+    report = unseeded.reproduce()
+    assert not report.ok and [c.item for c in report.mismatches] == ["result"]
+    assert "result[0]: recorded" in report.mismatches[0].detail
+
+
+def test_seed_everything_seeds_random_and_numpy_from_the_experiment_seed(project):
+    experiment = get.new("estimate_gravity", seed=1234)
+    assert experiment.seed_everything() == 1234
+    first = (random.random(), numpy.random.rand())
+    experiment.seed_everything()
+    assert (random.random(), numpy.random.rand()) == first
+    get.new("estimate_gravity", seed=4321).seed_everything()
+    assert (random.random(), numpy.random.rand()) != first
+
+
+def test_all_with_a_sample_through_an_execution(project):
+    for dilation in (1.0, 2.0, 3.0):
+        get("estimate_gravity", {"time_dilation": dilation}).launch()
+
+    result = run_machinable(project, "reproduce", "--all", "--check", "--execution", "multiprocess_execution", "processes=2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 experiments: 3 reproduced, 0 mismatch, 0 could not run." in result.stdout
+
+    sampled = run_machinable(project, "reproduce", "--all", "estimate_gravity", "--sample", "2", "--json")
+    assert sampled.returncode == 0, sampled.stderr
+    reports = json.loads(sampled.stdout)
+    assert len(reports) == 2 and all(r["ok"] and r["verdict"] == "reproduced" for r in reports)
+
+    usage = run_machinable(project, "reproduce", "--all", "processes=2")
+    assert usage.returncode == 2 and "give --execution NAME first" in usage.stderr
+
+
+def test_a_commit_that_is_gone_is_named_clearly(project):
+    write(project, "estimate_gravity.py", (project / "estimate_gravity.py").read_text() + "\n\nSCALE = 2\n")
+    commit_all(project, "to be rebased away")
+    experiment = get("estimate_gravity")
+    experiment.launch()
+    commit = json.loads((experiment.directory / "git.json").read_text())["commit"]
+    git(project, "reset", "-q", "--hard", "HEAD~1")
+    git(project, "reflog", "expire", "--expire=now", "--all")
+    git(project, "gc", "-q", "--prune=now")
+
+    result = run_machinable(project, "reproduce", experiment.short_id, "--check")
+
+    assert result.returncode == 1
+    assert f"recorded at commit {commit[:12]}, which is not in the repository" in result.stderr
+    assert "rebased or amended away, or not fetched" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(ReproductionError, match="not in the repository"):
+        experiment.reproduce()
+    assert [a["verdict"] for a in reproductions(experiment)] == ["error", "error"]
+    assert len(worktrees(project)) == 1
+
+
+def test_failed_reproduction_still_removes_the_worktree_and_keep_keeps_it(project, tmp_path):
+    readings = tmp_path / "readings.txt"
+    readings.write_text("7")
+    write(project, "reader.py", """
+        from pathlib import Path
+        from machinable import Experiment
+
+
+        class Reader(Experiment):
+            class Config:
+                source: str = ""
+
+            def on_execute(self):
+                return float(Path(self.config.source).read_text())
+    """)
+    commit_all(project)
+    experiment = get("reader", {"source": str(readings)})
+    experiment.launch()
+    readings.unlink()
+
+    report = experiment.reproduce()
+    assert not report.ok and report.state == "failed"
+    assert report.comparisons[0].item == "run" and "FileNotFoundError" in report.comparisons[0].detail
+    assert len(worktrees(project)) == 1
+
+    readings.write_text("7")
+    kept = run_machinable(project, "reproduce", experiment.short_id, "--keep")
+    assert kept.returncode == 0, kept.stderr
+    [folder] = [line.split("kept: ")[1].split(" ")[0] for line in kept.stdout.splitlines() if "kept: " in line]
+    assert (Path(folder) / "worktree" / "reader.py").is_file() and (Path(folder) / "storage" / experiment.experiment_id).is_dir()
+    assert len(worktrees(project)) == 2
+    git(project, "worktree", "remove", "--force", str(Path(folder) / "worktree"))
+
+
+def test_only_finished_experiments_can_be_reproduced(project):
+    write(project, "broken.py", """
+        from machinable import Experiment
+
+
+        class Broken(Experiment):
+            def on_execute(self):
+                raise ValueError("boom")
+    """)
+    commit_all(project)
+    experiment = get("broken")
+    with pytest.raises(Exception):
+        experiment.launch()
+    with pytest.raises(UsageError, match="is failed: only finished experiments can be reproduced"):
+        experiment.reproduce()
+    result = run_machinable(project, "reproduce", experiment.short_id)
+    assert result.returncode == 2 and "only finished experiments" in result.stderr
+    one = run_machinable(project, "reproduce")
+    assert one.returncode == 2 and "Give one experiment id" in one.stderr
+
+
+def test_environment_differences_are_listed():
+    recorded = {"python": "3.11.7", "machinable": "0.1.0", "packages": {"numpy": "1.26.4", "scipy": "1.11.0"}}
+    now = {"python": "3.12.1", "machinable": "0.1.0", "packages": {"numpy": "2.0.0", "torch": "2.3.0"}}
+    assert environment_differences(recorded, now) == [
+        "python 3.11.7 -> 3.12.1",
+        "numpy 1.26.4 -> 2.0.0",
+        "scipy 1.11.0 -> absent",
+        "torch absent -> 2.3.0",
+    ]
