@@ -281,6 +281,18 @@ class Experiment(Element):
         rows = self.storage.fresh_index().with_config(self.config_hash)
         return [Experiment.restore(self.storage, r["id"]) for r in rows if self.storage.directory(r["id"]).is_dir()]
 
+    def reproduce(self, check: bool = True, *, rtol: float = 0.0, atol: float = 0.0, keep: bool = False,
+                  compare_output: bool = False) -> Any:
+        """Re-execute this finished experiment in isolation (recorded commit + diff, same
+        config and seed, scratch storage, separate process) and compare its outputs.
+
+        Returns a ``ReproductionReport`` (``report.ok``, ``report.mismatches``);
+        ``check=False`` re-executes without comparing. See ``machinable.reproduce``.
+        """
+        from machinable.reproduce import reproduce
+
+        return reproduce(self, check=check, rtol=rtol, atol=atol, keep=keep, compare_output=compare_output)
+
     # --- state --------------------------------------------------------------------
 
     def is_committed(self) -> bool:
