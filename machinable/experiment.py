@@ -91,7 +91,7 @@ class _Tee:
 
     def __init__(self, stream: Any, log: Any, prefix: str = "") -> None:
         self._stream, self._log, self._prefix = stream, log, prefix
-        self._at_line_start = True
+        self._partial = ""
 
     def write(self, text: str) -> int:
         try:
@@ -100,14 +100,31 @@ class _Tee:
         except (OSError, ValueError):
             pass
         if self._prefix:
-            lines = text.splitlines(keepends=True)
-            text = "".join((self._prefix if (i or self._at_line_start) else "") + line for i, line in enumerate(lines))
-            if lines:
-                self._at_line_start = lines[-1].endswith("\n")
+            return self._write_lines(text)
         written = self._stream.write(text)
         if "\n" in text:  # live, line by line, even when stdout is a pipe (CI logs, job logs)
             self._stream.flush()
         return written
+
+    def _write_lines(self, text: str) -> int:
+        # Parallel workers share one terminal: a prefixed line goes out whole,
+        # in one write, so another worker's output cannot split it.
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        if len(self._partial) > 65536:  # no newline in sight (a progress bar): do not hold it forever
+            lines.append(self._partial)
+            self._partial = ""
+        if lines:
+            self._stream.write("".join(f"{self._prefix}{line}\n" for line in lines))
+            self._stream.flush()
+        return len(text)
+
+    def finish(self) -> None:
+        """Write out a last line that did not end in a newline."""
+        if self._partial:
+            self._stream.write(f"{self._prefix}{self._partial}\n")
+            self._partial = ""
+        self._stream.flush()
 
     def flush(self) -> None:
         self._stream.flush()
@@ -466,12 +483,30 @@ class Experiment(Element):
         execution.add(self)
 
     def __call__(self) -> str:
-        """Execute now, in this process (what executions call). Returns the state."""
-        return self._runnable()._execute()
+        """Execute now, in this process (what executions call). Returns the state.
+
+        The dispatching execution's ``on_before_execute``/``on_after_execute``
+        hooks run around it, here (in a worker: on a copy of the execution
+        rebuilt from its module and config).
+        """
+        runnable = self._runnable()
+        runnable._execution_info = self._execution_info
+        execution = getattr(self, "_execution", None)
+        if execution is None and self._execution_info:
+            from machinable.execution import rebuild
+
+            execution = self._execution = rebuild(self._execution_info, self.project)
+        if execution is not None:
+            execution.on_before_execute(runnable)
+        state = runnable._execute()
+        if execution is not None:
+            execution.on_after_execute(runnable, state)
+        return state
 
     def __reduce__(self) -> Any:
         # Experiments travel to workers by address, not by value: the worker
         # reloads the record and imports the module from the project.
+        self._pickled = True  # lets dispatch tell "sent but never started" from "never sent"
         return (_restore_for_execution, (str(self.project.path), str(self.storage.root), self.experiment_id, self._execution_info))
 
     def _mark_dispatched(self, info: dict[str, Any] | None) -> bool:
@@ -575,6 +610,9 @@ class Experiment(Element):
                 _set_state(storage, self.experiment_id, "failed", finished=_now())
                 return "failed"
         finally:
+            for tee in (sys.stdout, sys.stderr):
+                if isinstance(tee, _Tee):
+                    tee.finish()
             sys.stdout, sys.stderr = stdout, stderr
             log.close()
         claim.stop_heartbeat()  # no heartbeat may land after the seal

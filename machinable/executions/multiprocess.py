@@ -1,0 +1,89 @@
+"""``machinable.execution.multiprocess``: experiments in parallel worker processes.
+
+Each experiment runs in its own worker process, at most ``processes`` at a
+time, so a crash (a segfault, ``os._exit``) ends only that experiment's
+worker and is recorded as its failure. When several run at once, every
+output line is prefixed by the experiment's short id and written whole.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from multiprocessing.connection import wait
+from typing import Any
+
+from machinable.errors import ConfigError
+from machinable.execution import Execution
+from machinable.executions.process import interrupt_once, stop
+
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+class Multiprocess(Execution):
+    """A pool of worker processes, one fresh worker per experiment."""
+
+    class Config:
+        # parallel workers; 0: one per CPU core
+        processes: int = 0
+        # "", "fork", "spawn" or "forkserver"; "": fork where it is safe (Linux), else spawn
+        start_method: str = ""
+        # seconds a worker gets to record its interruption after Ctrl-C
+        grace: float = 10.0
+
+    def __init__(self, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        if self.config.processes < 0:
+            raise ConfigError(f"Invalid processes={self.config.processes!r} for {self.module}: give a number >= 1 (0: one per CPU core).")
+        method = self.config.start_method
+        if method and method not in multiprocessing.get_all_start_methods():
+            raise ConfigError(
+                f"Invalid start_method={method!r} for {self.module}: this platform offers "
+                f"{', '.join(repr(m) for m in multiprocessing.get_all_start_methods())}."
+            )
+        if self.config.grace < 0:
+            raise ConfigError(f"Invalid grace={self.config.grace!r} for {self.module}: give seconds >= 0.")
+
+    @property
+    def processes(self) -> int:
+        return self.config.processes or os.cpu_count() or 1
+
+    def context(self) -> Any:
+        method = self.config.start_method
+        if not method:
+            # fork needs no `if __name__ == "__main__":` guard in the user's script
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
+        return multiprocessing.get_context(method)
+
+    def on_dispatch(self) -> None:
+        context = self.context()
+        parallel = self.processes > 1 and len(self.experiments) > 1
+        queue = list(self.experiments)
+        running: dict[int, tuple[Any, Any]] = {}  # sentinel -> (worker, experiment)
+        try:
+            while queue or running:
+                while queue and len(running) < self.processes:
+                    experiment = queue.pop(0)
+                    prefix = f"[{experiment.short_id}] " if parallel else ""
+                    worker = context.Process(target=run, args=(experiment, prefix), name=f"machinable-{experiment.short_id}")
+                    worker.start()
+                    running[worker.sentinel] = (worker, experiment)
+                for sentinel in wait(list(running)):
+                    worker, experiment = running.pop(sentinel)  # type: ignore[call-overload]
+                    worker.join()
+                    self.record_exit(experiment, worker.exitcode)
+        except KeyboardInterrupt:
+            stop([(worker.pid, worker.is_alive) for worker, _ in running.values()], self.config.grace)
+            raise
+
+
+def run(experiment: Any, prefix: str = "") -> None:
+    """In the worker: run one experiment (module-level, so that it pickles)."""
+    interrupt_once()
+    if prefix:
+        os.environ["MACHINABLE_OUTPUT_PREFIX"] = prefix
+    try:
+        experiment()
+    except KeyboardInterrupt:
+        sys.exit(130)
