@@ -77,6 +77,15 @@ def _as_dataclass(declared: type) -> type:
     }
     annotations = dict(namespace.get("__annotations__", {}))
     if dataclasses.is_dataclass(declared):
+        # drop what @dataclass generated (__init__, __eq__, ...; compiled from "<string>"), so the
+        # frozen dataclass made below generates its own; methods the user wrote are kept
+        namespace = {
+            key: value
+            for key, value in namespace.items()
+            if key != "__match_args__"
+            and not (key == "__hash__" and value is None)
+            and getattr(getattr(value, "__code__", None), "co_filename", None) != "<string>"
+        }
         # keep defaults and factories the user declared with field()
         for f in dataclasses.fields(declared):
             if f.default is not dataclasses.MISSING:
@@ -145,29 +154,32 @@ def _unflatten(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_config(cls: type, values: dict[str, Any] | None, *, where: str = "") -> Any:
-    """Build a config instance from user values, coercing and validating."""
+def make_config(cls: type, values: dict[str, Any] | None, *, where: str = "", path: str = "") -> Any:
+    """Build a config instance from user values, coercing and validating.
+
+    ``where`` names the module in error messages; ``path`` is the key prefix of a nested config.
+    """
     values = _unflatten(dict(values or {}))
     fields = fields_of(cls)
     unknown = [key for key in values if key not in fields]
     if unknown:
         key = unknown[0]
         close = difflib.get_close_matches(key, list(fields), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = f" Did you mean {path + close[0]!r}?" if close else ""
         valid = ", ".join(fields) or "(none: this Config is empty)"
         raise ConfigError(
-            f"Unknown config key {key!r} (value {values[key]!r}){' for ' + where if where else ''}.{hint} "
+            f"Unknown config key {path + key!r} (value {values[key]!r}){' for ' + where if where else ''}.{hint} "
             f"Valid keys: {valid}."
         )
     kwargs: dict[str, Any] = {}
     for name, (annotation, default) in fields.items():
-        label = f"{where + ': ' if where else ''}{name}"
+        label = f"{path}{name}"
         if name in values:
-            kwargs[name] = coerce(values[name], annotation, label)
+            kwargs[name] = coerce(values[name], annotation, label, where)
         elif default is dataclasses.MISSING:
-            raise ConfigError(f"Missing config value {name!r}{' for ' + where if where else ''}: it has no default; pass {name}=...")
+            raise ConfigError(f"Missing config value {label!r}{' for ' + where if where else ''}: it has no default; pass {label}=...")
         elif dataclasses.is_dataclass(annotation) and isinstance(default, dict):
-            kwargs[name] = coerce(default, annotation, label)
+            kwargs[name] = coerce(default, annotation, label, where)
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -176,11 +188,12 @@ def make_config(cls: type, values: dict[str, Any] | None, *, where: str = "") ->
         raise ConfigError(f"Invalid config{' for ' + where if where else ''}: {e}") from e
 
 
-def _bad(label: str, value: Any, expected: str) -> ConfigError:
-    return ConfigError(f"Invalid value {value!r} for config key {label!r}: expected {expected}.")
+def _bad(label: str, value: Any, expected: str, where: str = "") -> ConfigError:
+    of = f" of {where}" if where else ""
+    return ConfigError(f"Invalid value {value!r} for config key {label!r}{of}: expected {expected}.")
 
 
-def coerce(value: Any, annotation: Any, label: str = "value") -> Any:
+def coerce(value: Any, annotation: Any, label: str = "value", where: str = "") -> Any:
     """Coerce ``value`` to ``annotation`` or raise a ConfigError naming ``label``."""
     if annotation is Any or annotation is dataclasses.MISSING or annotation is None and value is None:
         return value
@@ -195,15 +208,15 @@ def coerce(value: Any, annotation: Any, label: str = "value") -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return coerce(value, arg, label)
+                return coerce(value, arg, label, where)
             except ConfigError as e:
                 errors.append(e)
-        raise _bad(label, value, " or ".join(_name(a) for a in args))
+        raise _bad(label, value, " or ".join(_name(a) for a in args), where)
     if origin is Literal:
         for option in args:
             if value == option or (isinstance(value, str) and str(option) == value):
                 return option
-        raise _bad(label, value, "one of " + ", ".join(repr(a) for a in args))
+        raise _bad(label, value, "one of " + ", ".join(repr(a) for a in args), where)
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -211,10 +224,10 @@ def coerce(value: Any, annotation: Any, label: str = "value") -> Any:
             return bool(value)
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
-        raise _bad(label, value, "a bool (true/false/1/0)")
+        raise _bad(label, value, "a bool (true/false/1/0)", where)
     if annotation is int:
         if isinstance(value, bool):
-            raise _bad(label, value, "an int")
+            raise _bad(label, value, "an int", where)
         if isinstance(value, int):
             return value
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
@@ -224,75 +237,75 @@ def coerce(value: Any, annotation: Any, label: str = "value") -> Any:
                 return int(value.strip().replace("_", ""))
             except ValueError:
                 pass
-        raise _bad(label, value, "an int")
+        raise _bad(label, value, "an int", where)
     if annotation is float:
         if isinstance(value, bool):
-            raise _bad(label, value, "a float")
+            raise _bad(label, value, "a float", where)
         if isinstance(value, (int, float)):
             try:
                 return float(value)
             except OverflowError:
-                raise _bad(label, value, "a float within range") from None
+                raise _bad(label, value, "a float within range", where) from None
         if isinstance(value, str):
             try:
                 return float(value.strip())
             except ValueError:
                 pass
-        raise _bad(label, value, "a float")
+        raise _bad(label, value, "a float", where)
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise _bad(label, value, "a string")
+        raise _bad(label, value, "a string", where)
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         if isinstance(value, annotation):
             return value
         for member in annotation:
             if value == member.value or value == member.name:
                 return member
-        raise _bad(label, value, "one of " + ", ".join(m.name for m in annotation))
+        raise _bad(label, value, "one of " + ", ".join(m.name for m in annotation), where)
     if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
         if isinstance(value, annotation):
             return value
         if isinstance(value, str):
-            value = _parse_json_text(value, label)
+            value = _parse_json_text(value, label, where)
         if not isinstance(value, dict):
-            raise _bad(label, value, f"a mapping for {_name(annotation)}")
+            raise _bad(label, value, f"a mapping for {_name(annotation)}", where)
         nested = annotation if issubclass(annotation, ConfigMixin) else _as_dataclass(annotation)
-        return make_config(nested, value, where=label)
+        return make_config(nested, value, where=where, path=label + ".")
     if origin in (list, tuple, set, frozenset) or annotation in (list, tuple, set, frozenset):
         if isinstance(value, str):
-            value = _parse_json_text(value, label)
+            value = _parse_json_text(value, label, where)
         if not isinstance(value, (list, tuple, set, frozenset)):
-            raise _bad(label, value, _name(annotation))
+            raise _bad(label, value, _name(annotation), where)
         container = origin or annotation
         if container is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(args) != len(value):
-                raise _bad(label, value, f"{len(args)} items")
-            return tuple(coerce(v, a, f"{label}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+                raise _bad(label, value, f"{len(args)} items", where)
+            return tuple(coerce(v, a, f"{label}[{i}]", where) for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
-        items = [coerce(v, item, f"{label}[{i}]") for i, v in enumerate(value)]
+        items = [coerce(v, item, f"{label}[{i}]", where) for i, v in enumerate(value)]
         return container(items) if container is not list else items
     if origin is dict or annotation is dict:
         if isinstance(value, str):
-            value = _parse_json_text(value, label)
+            value = _parse_json_text(value, label, where)
         if not isinstance(value, dict):
-            raise _bad(label, value, "a mapping")
+            raise _bad(label, value, "a mapping", where)
         key_t, val_t = args if args else (Any, Any)
-        return {coerce(k, key_t, label): coerce(v, val_t, f"{label}.{k}") for k, v in value.items()}
+        return {coerce(k, key_t, label, where): coerce(v, val_t, f"{label}.{k}", where) for k, v in value.items()}
     if isinstance(annotation, type):
         if isinstance(value, annotation):
             return value
-        raise _bad(label, value, _name(annotation))
+        raise _bad(label, value, _name(annotation), where)
     return value
 
 
-def _parse_json_text(text: str, label: str) -> Any:
+def _parse_json_text(text: str, label: str, where: str = "") -> Any:
     import orjson
 
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        raise _bad(label, text, "JSON text (for example [1, 2] or {\"a\": 1})") from None
+        raise _bad(label, text, "JSON text (for example [1, 2] or {\"a\": 1})", where) from None
 
 
 def _name(annotation: Any) -> str:
