@@ -27,14 +27,21 @@ from machinable.errors import CodeChangedError, ConfigError, ModuleNotFound, Sto
 from machinable.hashing import Closure, closure_of, digest, hex_of
 from machinable.ledger import Ledger
 from machinable.storage import (
+    DIR_MODE,
+    FILE_MODE,
     Claim,
     Storage,
     atomic_write,
+    begin_seal,
+    complete_seal,
     is_sealed,
+    make_dirs,
     make_temp_dir,
     publish_dir,
     put_object,
     read_json,
+    remove_temp_files,
+    repair_torn_tail,
     seal,
     write_json,
 )
@@ -436,7 +443,7 @@ class Experiment(Element):
             Ledger(tmp).append("created", sync=False)
             for name in ("output.log", "records.jsonl"):
                 atomic_write(tmp / name, b"")
-            (tmp / "data").mkdir()
+            (tmp / "data").mkdir(mode=DIR_MODE)
             index = storage.index
             row = storage_row(record, git_info, "created")
             index.upsert(row)  # before the rename: a directory never exists unindexed
@@ -529,6 +536,11 @@ class Experiment(Element):
         finally:
             claim.release()
 
+    def _complete_seal(self) -> None:
+        """Seal a finished record whose run was killed while sealing it."""
+        if complete_seal(self.directory):
+            _set_state(self.storage, self.experiment_id, "finished")
+
     def _check_code_unchanged(self) -> None:
         current = closure_of(self.project.path, self.project.module_file(self.module), exclude=(self.storage.root,)) if not self.module.startswith("machinable.") else None
         if current is not None and current.code_hash != self.code_hash:
@@ -562,7 +574,8 @@ class Experiment(Element):
             events = ledger.events()
             state = ledger.state(events, check_claim=False)
             if state == "finished":
-                _seal(directory)
+                complete_seal(directory)  # a crash interrupted the finishing run's seal
+                _set_state(self.storage, self.experiment_id, "finished")
                 return "finished"
             last = ledger.last(events)
             if waited_since is not None and state == "failed" and last and _after(last.get("time"), waited_since):
@@ -575,12 +588,14 @@ class Experiment(Element):
     def _run_claimed(self, ledger: Ledger, claim: Claim, attempt: int, previous: str) -> str:
         storage = self.storage
         ledger.repair()
+        repair_torn_tail(self.directory / "records.jsonl")  # a row torn by a crash would swallow the next one
+        remove_temp_files(self.directory)  # of atomic writes a crash interrupted
         if ledger.attempt_is_open():
             ledger.append("interrupted", reason="the process running it stopped without finishing")
         ledger.append("started", attempt=attempt, execution=self._execution_info)
         _set_state(storage, self.experiment_id, "running", started=_now())
         claim.start_heartbeat()
-        log = open(self.directory / "output.log", "a", encoding="utf-8", errors="replace")
+        log = open(self.directory / "output.log", "a", encoding="utf-8", errors="replace", opener=_private_opener)
         if attempt > 1:
             log.write(f"--- attempt {attempt} ({_now()}) ---\n")
         prefix = os.environ.get("MACHINABLE_OUTPUT_PREFIX", "")
@@ -623,9 +638,10 @@ class Experiment(Element):
                 "was unresponsive; this attempt's result is discarded.\n"
             )
             return "interrupted"
+        begin_seal(self.directory)  # from here on, a crash is completed by the next launch
         ledger.append("finished", attempt=attempt, result=saved)
-        _seal(self.directory)
         _set_state(storage, self.experiment_id, "finished", finished=_now())
+        _seal(self.directory)
         return "finished"
 
     def _save_result(self, result: Any) -> str | None:
@@ -705,7 +721,7 @@ class Experiment(Element):
 
     def _data_dir(self) -> Path:
         path = self.directory / "data"
-        path.mkdir(exist_ok=True)
+        path.mkdir(mode=DIR_MODE, exist_ok=True)
         return path
 
     def _data_path(self, name: str) -> Path:
@@ -720,7 +736,7 @@ class Experiment(Element):
         self._check_writable(f"save_data({name!r})")
         path = self._data_path(name)
         self._data_dir()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         suffix = path.suffix.lower()
         if suffix == ".json":
             data = orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2)
@@ -810,6 +826,10 @@ def _after(iso: str | None, since: float) -> bool:
         return datetime.fromisoformat(iso).timestamp() >= since - 0.001
     except ValueError:
         return False
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, FILE_MODE)
 
 
 def _seal(directory: Path) -> None:

@@ -33,6 +33,10 @@ CLAIM = ".claim"
 TMP = ".tmp"
 OBJECTS = ".objects"
 LOCKS = ".locks"
+# Created files and folders never grant write access to others, whatever the
+# umask (which still narrows them further, e.g. 0o077 -> private records).
+FILE_MODE = 0o664
+DIR_MODE = 0o775
 
 
 def now_iso() -> str:
@@ -56,7 +60,7 @@ def atomic_write(path: Path, data: bytes, *, what: str | None = None) -> None:
     """Write ``data`` to ``path`` via temp file, fsync and rename."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             view = memoryview(data)
             while view:
@@ -95,19 +99,64 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` with DIR_MODE for every folder it creates (``Path.mkdir``
+    gives missing parents the default 0o777 & ~umask)."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+
+
 def append_line(path: Path, row: dict[str, Any], *, what: str = "event", sync: bool = True) -> None:
-    """Append one JSON line with a single write, so readers never see half."""
+    """Append one JSON line, so readers see whole lines only.
+
+    Under an exclusive ``flock`` of the file: a torn last line (a crash or a
+    full disk mid-append) is cut off first, so it cannot swallow this line,
+    and the line is written whole or the error is raised.
+    """
+    import fcntl
+
     line = orjson.dumps(row) + b"\n"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)
         try:
-            os.write(fd, line)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _cut_torn_tail(fd)
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
             if sync and fsync_enabled():
                 os.fsync(fd)
         finally:
-            os.close(fd)
+            os.close(fd)  # drops the lock
     except OSError as e:
         raise _storage_error(e, what, path) from e
+
+
+def _cut_torn_tail(fd: int) -> None:
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    start = max(0, size - 65536)
+    while True:
+        block = os.pread(fd, size - start, start)
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            os.ftruncate(fd, start + cut + 1)
+            return
+        if start == 0:
+            os.ftruncate(fd, 0)
+            return
+        start = max(0, start - 65536)
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
@@ -161,7 +210,7 @@ def put_object(root: Path, tagged_digest: str, data: bytes) -> None:
     if path.exists():
         return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
     except OSError as e:
         raise _storage_error(e, "source object", path) from e
     atomic_write(path, data, what="source object")
@@ -209,7 +258,7 @@ class Claim:
         import fcntl
 
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as e:
             raise _storage_error(e, "claim", self.path) from e
         try:
@@ -236,13 +285,13 @@ class Claim:
         import fcntl
 
         guard_path = self.directory / ".claim.takeover"
-        guard = os.open(guard_path, os.O_RDWR | os.O_CREAT, 0o666)
+        guard = os.open(guard_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(guard, fcntl.LOCK_EX)
             if not self._heartbeat_is_stale():
                 return False
             fresh = self.directory / f".claim.{uuid.uuid4().hex[:8]}"
-            fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.replace(fresh, self.path)
             self._own(fd)
@@ -310,8 +359,8 @@ class FileLock:
         import fcntl
 
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            make_dirs(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as e:
             raise _storage_error(e, "lock file", self.path) from e
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -355,7 +404,8 @@ def claim_is_held(directory: Path) -> bool:
 
 # --- MANIFEST and sealing ----------------------------------------------------
 
-_UNSEALED = {CLAIM, ".claim.takeover", MANIFEST}
+SEALING = ".sealing"  # exists from just before the finished event until the MANIFEST is written
+_UNSEALED = {CLAIM, ".claim.takeover", MANIFEST, SEALING}
 REPRODUCTIONS = "reproductions"  # added beside a sealed record; not part of it
 
 
@@ -400,12 +450,62 @@ def seal(directory: Path) -> None:
     be created in the record folder once it is read-only.
     """
     try:
-        (directory / REPRODUCTIONS).mkdir(exist_ok=True)
+        (directory / REPRODUCTIONS).mkdir(mode=DIR_MODE, exist_ok=True)
     except OSError as e:
         raise _storage_error(e, "reproductions folder", directory) from e
     if not is_sealed(directory):
+        remove_temp_files(directory)  # an interrupted seal's half-written MANIFEST
         write_manifest(directory)
+    try:
+        (directory / SEALING).unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise _storage_error(e, "seal marker", directory) from e
     make_read_only(directory)
+
+
+def begin_seal(directory: Path) -> None:
+    """Mark that this run is about to finish: if a crash stops it between its
+    ``finished`` event and its MANIFEST, the mark tells the next launch to
+    complete the seal (a finished record without MANIFEST and without the
+    mark has lost its MANIFEST, which ``verify`` reports instead)."""
+    try:
+        os.close(os.open(directory / SEALING, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+    except OSError as e:
+        raise _storage_error(e, "seal marker", directory) from e
+
+
+def seal_interrupted(directory: Path) -> bool:
+    return (directory / SEALING).exists() and not is_sealed(directory)
+
+
+def complete_seal(directory: Path) -> bool:
+    """Finish sealing a record whose run was killed while sealing. True if it did.
+
+    Under the claim, so that two launches never seal at once.
+    """
+    if not seal_interrupted(directory):
+        return False
+    claim = Claim(directory)
+    if not claim.try_acquire():
+        return False  # another process is completing it
+    try:
+        if not seal_interrupted(directory):
+            return False
+        seal(directory)
+        return True
+    finally:
+        claim.release()
+
+
+def remove_temp_files(directory: Path) -> None:
+    """Delete the temp files of atomic writes a crash left behind (under the claim)."""
+    for path in directory.rglob(".*.tmp"):
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 def verify_manifest(directory: Path) -> list[str]:
@@ -436,9 +536,9 @@ def verify_manifest(directory: Path) -> list[str]:
 def make_temp_dir(root: Path) -> Path:
     tmp_root = root / TMP
     try:
-        tmp_root.mkdir(parents=True, exist_ok=True)
+        make_dirs(tmp_root)
         path = tmp_root / uuid.uuid4().hex
-        path.mkdir()
+        path.mkdir(mode=DIR_MODE)
     except OSError as e:
         raise _storage_error(e, "experiment directory", root) from e
     return path
@@ -517,7 +617,7 @@ class Storage(Element):
 
     def ensure_writable(self) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.root)
         except OSError as e:
             raise _storage_error(e, "storage folder", self.root) from e
         if not os.access(self.root, os.W_OK):
