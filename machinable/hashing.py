@@ -58,18 +58,47 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-def normalize_source(source: bytes, filename: str = "<module>") -> str:
-    """Source with comments, formatting and docstrings removed.
+# AST fields that carry no meaning of their own: the load/store context (implied
+# by the position) and the ``u`` prefix of string literals.
+_IGNORED_FIELDS = frozenset({"ctx", "kind", "type_comment"})
 
-    ``ast.unparse`` of the docstring-free tree: two files that differ only in
-    comments, whitespace or docstrings normalise to the same text. A file that
-    does not parse normalises to its raw text, so it still has an identity.
+
+def _canonical_tree(node: Any) -> Any:
+    """A JSON-able form of an AST that is stable across Python versions.
+
+    Not ``ast.dump`` or ``ast.unparse``: both change between Python releases
+    (new fields such as ``type_params``, other parenthesisation), which would
+    change every code hash on a Python upgrade. Fields that are empty or None
+    are left out, so a field a newer Python adds with an empty default leaves
+    the form unchanged; scalars are type-tagged.
+    """
+    if isinstance(node, ast.AST):
+        out: list[Any] = [type(node).__name__]
+        for name in node._fields:
+            if name in _IGNORED_FIELDS:
+                continue
+            value = getattr(node, name, None)
+            if value is None or (isinstance(value, list) and not value):
+                continue
+            out.append([name, _canonical_tree(value)])
+        return out
+    if isinstance(node, list):
+        return [_canonical_tree(item) for item in node]
+    return f"{type(node).__name__}:{node!r}"
+
+
+def normalize_source(source: bytes, filename: str = "<module>") -> str:
+    """What of a source file counts for its identity, as canonical JSON text.
+
+    The docstring-free syntax tree: two files that differ only in comments,
+    whitespace, formatting or docstrings normalise to the same text. A file
+    that does not parse normalises to its raw text, so it still has an identity.
     """
     try:
         tree = ast.parse(source, filename=filename)
     except (SyntaxError, ValueError):
         return source.decode("utf-8", errors="surrogateescape")
-    return ast.unparse(_strip_docstrings(tree))
+    return canonical_json(_canonical_tree(_strip_docstrings(tree))).decode()
 
 
 @dataclass(frozen=True)
