@@ -173,7 +173,7 @@ class Experiment(Element):
     @property
     def storage(self) -> Storage:
         if self._storage is None:
-            self._storage = Storage.current()
+            self._storage = Storage.current(self.project)
         return self._storage
 
     @property

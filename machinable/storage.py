@@ -597,13 +597,15 @@ class Storage(Element):
         return existing
 
     @classmethod
-    def current(cls) -> "Storage":  # type: ignore[override]
+    def current(cls, project: Any = None) -> "Storage":  # type: ignore[override]
+        """The storage in use: the innermost storage context, else ``$MACHINABLE_STORAGE``,
+        else ``storage/`` in ``project`` (default: the current project)."""
         active = Element.current(Storage)
         if active is not None:
             return active
         from machinable.project import Project
 
-        directory = os.environ.get("MACHINABLE_STORAGE") or str(Project.get().path / "storage")
+        directory = os.environ.get("MACHINABLE_STORAGE") or str((project or Project.get()).path / "storage")
         return cls.at(directory)
 
     # --- layout -----------------------------------------------------------------
