@@ -1,29 +1,49 @@
 """The derived SQLite index over the experiment directories.
 
-The directories are the source of truth; this index only makes lookups fast.
-Writers insert an experiment's row *before* renaming its directory into
-place, so a directory never exists unindexed; readers check that a row's
-directory exists. Anything else (a deleted index, a new schema, directories
-copied in by hand) is caught by comparing the storage folder's mtime with the
-one recorded at the last sync, and repaired by an incremental sync or a full
-rebuild from the directories alone.
+The directories are the source of truth; this index only makes lookups fast
+(get-or-create, ``find``, ``machinable list``, id prefixes). Every row is
+derived from one directory alone (``read_row``), so the index can be deleted
+at any time and rebuilt from the directories, and an index that agrees with
+its directories is exactly the index a rebuild would produce.
+
+How it stays in agreement:
+
+- Writers insert an experiment's row *before* renaming its directory into
+  place, so a directory never exists unindexed, and re-derive the row from the
+  directory after each ledger event (``refresh``). Concurrent refreshes cannot
+  move a row backwards: a row only replaces one derived from a shorter ledger.
+- Directories added or removed behind our back (copied in, deleted by hand,
+  written by a crashed process) change the storage folder's mtime, which is
+  compared with the one recorded at the last sync (an O(1) check before each
+  lookup); a difference triggers an incremental sync.
+- A ledger that grew behind our back is caught before ``find``/``list`` by
+  comparing the ledger size of every unfinished row with its file (finished
+  records are sealed read-only and cannot change).
+- A missing, damaged or other-version index file is recreated and filled from
+  the directories.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import sqlite3
+import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 INDEX_FILE = "index.sqlite"
+EVENTS = "events.jsonl"
 _ID = re.compile(r"^[0-9a-f]{32}$")
+PAGE = 500  # rows fetched per query page (memory stays flat however many match)
+DAMAGED = "damaged"  # state of a directory whose experiment.json cannot be read
 
 _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)",
@@ -39,12 +59,14 @@ _SCHEMA = [
         finished TEXT,
         git_commit TEXT,
         execution TEXT,
-        config TEXT NOT NULL
+        config TEXT NOT NULL,
+        events_size INTEGER NOT NULL DEFAULT 0
     )""",
     "CREATE INDEX IF NOT EXISTS by_config ON experiments (config_hash, code_hash, created)",
-    "CREATE INDEX IF NOT EXISTS by_module ON experiments (module, created)",
-    "CREATE INDEX IF NOT EXISTS by_created ON experiments (created)",
-    "CREATE INDEX IF NOT EXISTS by_state ON experiments (state, created)",
+    "CREATE INDEX IF NOT EXISTS by_module ON experiments (module, created, id)",
+    "CREATE INDEX IF NOT EXISTS by_created ON experiments (created, id)",
+    "CREATE INDEX IF NOT EXISTS by_state ON experiments (state, created, id)",
+    "CREATE INDEX IF NOT EXISTS unsettled ON experiments (id, events_size) WHERE state != 'finished'",
     """CREATE TABLE IF NOT EXISTS config_values (
         id TEXT NOT NULL,
         key TEXT NOT NULL,
@@ -56,15 +78,154 @@ _SCHEMA = [
 
 COLUMNS = (
     "id", "module", "config_hash", "code_hash", "seed", "state", "created",
-    "started", "finished", "git_commit", "execution", "config",
+    "started", "finished", "git_commit", "execution", "config", "events_size",
+)
+
+_UPSERT = (
+    f"INSERT INTO experiments ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))}) "
+    f"ON CONFLICT(id) DO UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in COLUMNS[1:])} "
+    "WHERE excluded.events_size >= experiments.events_size"
 )
 
 ReadRow = Callable[[str], "dict[str, Any] | None"]
+Progress = Callable[[int, int], None]
+
+
+# --- config values as lookup keys ---------------------------------------------------
+
+
+def _normal(value: Any) -> Any:
+    """1.0 and 1 look the same to a lookup (a float field stores 1.0 for 1)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [_normal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
 
 
 def value_key(value: Any) -> str:
-    """How a config value is stored for lookups (so 1.5 finds 1.5, True finds True)."""
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    """How a config value is stored for lookups (so 1.5 finds 1.5, 1 finds 1.0, True finds True)."""
+    try:
+        return orjson.dumps(_normal(value), option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return orjson.dumps(repr(value)).decode()
+
+
+def parse_literal(text: str) -> Any:
+    """What a command-line value means: ``1.5`` -> 1.5, ``true`` -> True, ``[1,2]`` -> [1, 2]."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def value_keys(value: Any) -> list[str]:
+    """The lookup keys ``value`` matches: a string also matches the literal it spells."""
+    keys = [value_key(value)]
+    if isinstance(value, str):
+        literal = value_key(parse_literal(value))
+        if literal not in keys:
+            keys.append(literal)
+    return keys
+
+
+# --- rows, from a directory alone ------------------------------------------------------
+
+
+def _parse_lines(data: bytes) -> list[dict[str, Any]]:
+    rows = []
+    for line in data.split(b"\n")[:-1]:  # an unterminated last line is a torn write
+        if not line.strip():
+            continue
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def ledger_columns(directory: Path, data: bytes) -> dict[str, Any]:
+    """The columns an experiment's ledger decides: state, times, execution, size."""
+    from machinable.ledger import Ledger
+
+    ledger = Ledger(directory)
+    events = _parse_lines(data)
+    state = ledger.state(events, check_claim=False)
+    last = ledger.last(events)
+    started = next((e.get("time") for e in events if e.get("event") == "started"), None)
+    ended = last.get("time") if last is not None and state in ("finished", "failed") and last["event"] == state else None
+    execution = None
+    for event in events:
+        info = event.get("execution")
+        if isinstance(info, dict) and isinstance(info.get("module"), str):
+            execution = info["module"]
+        elif isinstance(info, str):
+            execution = info
+    return {"state": state, "started": started, "finished": ended, "execution": execution, "events_size": len(data)}
+
+
+def read_row(root: Path, experiment_id: str, directory: Path | None = None) -> dict[str, Any] | None:
+    """The index row of one experiment, derived from its directory alone.
+
+    None if there is no directory. A directory whose ``experiment.json`` is
+    missing or damaged still gets a row (state ``damaged``), so that ``list``
+    and ``show`` can point at it.
+    """
+    from machinable.config import flatten
+    from machinable.errors import StorageError
+    from machinable.storage import read_json
+
+    directory = directory if directory is not None else root / experiment_id
+    try:
+        data = (directory / EVENTS).read_bytes()
+    except FileNotFoundError:
+        if not directory.is_dir():
+            return None
+        data = b""
+    except OSError:
+        data = b""
+    ledger = ledger_columns(directory, data)
+    try:
+        record = read_json(directory / "experiment.json")
+        config = record.get("config", {})
+        if not isinstance(config, dict):
+            raise StorageError("config is not a mapping")
+    except (FileNotFoundError, StorageError, OSError):
+        events = _parse_lines(data)
+        created = next((e.get("time") for e in events if e.get("event") == "created"), None) or ""
+        return {
+            "id": experiment_id, "module": "", "config_hash": "", "code_hash": "", "seed": "",
+            **ledger, "state": DAMAGED, "created": created, "git_commit": None, "config": "{}",
+            "flat_config": {},
+        }
+    try:
+        git = read_json(directory / "git.json")
+    except (FileNotFoundError, StorageError, OSError):
+        git = {}
+    return {
+        "id": experiment_id,
+        "module": str(record.get("module", "")),
+        "config_hash": str(record.get("config_hash", "")),
+        "code_hash": str(record.get("code_hash", "")),
+        "seed": str(record.get("seed", "")),
+        **ledger,
+        "created": str(record.get("timestamp", "")),
+        "git_commit": git.get("commit"),
+        "config": orjson.dumps(config, option=orjson.OPT_SORT_KEYS).decode(),
+        "flat_config": flatten(config),
+    }
+
+
+# --- the connection -----------------------------------------------------------------------
 
 
 def _schema_version(conn: sqlite3.Connection) -> int | None:
@@ -75,12 +236,85 @@ def _schema_version(conn: sqlite3.Connection) -> int | None:
         return None
 
 
+def is_damage(error: BaseException) -> bool:
+    """A damaged index file ("not a database", "malformed"), not a busy one."""
+    return type(error) is sqlite3.DatabaseError
+
+
+# Open read-write connections of this process, closed at exit so that SQLite
+# keeps the WAL file: deleting it would change the storage folder's mtime and
+# make the next process re-sync for nothing (see ``_close_keeping_wal``).
+_open: list[tuple[int, str, sqlite3.Connection]] = []
+_keepers: list[sqlite3.Connection] = []
+_at_exit_registered = False
+
+
+def _close_keeping_wal() -> None:
+    """Close this process's connections without deleting the WAL file.
+
+    SQLite deletes ``index.sqlite-wal`` when the last connection closes, after
+    a checkpoint; a read-only connection cannot checkpoint, so closing the
+    read-write ones while a read-only one stays open (to be dropped at exit)
+    leaves the files and with them the storage folder's mtime unchanged.
+    """
+    pid = os.getpid()
+    for owner, path, conn in list(_open):
+        if owner != pid:
+            continue
+        try:
+            keeper = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            keeper.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
+            _keepers.append(keeper)
+        except sqlite3.Error:
+            pass
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
+    _open.clear()
+
+
+def _keep_wal(conn: sqlite3.Connection, path: Path) -> None:
+    global _at_exit_registered
+    option = getattr(sqlite3, "SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE", None)
+    if option is not None and hasattr(conn, "setconfig"):  # Python >= 3.12
+        conn.setconfig(option, True)
+        return
+    _open.append((os.getpid(), str(path), conn))
+    if not _at_exit_registered:
+        atexit.register(_close_keeping_wal)
+        _at_exit_registered = True
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+_instances: dict[Path, "Index"] = {}
+
+
 class Index:
+    """The index of one storage folder (``Index.at(root)`` shares one per folder)."""
+
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.path = root / INDEX_FILE
+        self.root = Path(root)
+        self.path = self.root / INDEX_FILE
         self._local = threading.local()
         self._synced_mtime: int | None = None
+
+    @classmethod
+    def at(cls, root: Path) -> "Index":
+        root = Path(os.path.abspath(root))
+        index = _instances.get(root)
+        if index is None:
+            index = _instances[root] = cls(root)
+        return index
+
+    def __repr__(self) -> str:
+        return f"Index({str(self.path)!r})"
 
     # --- connection ---------------------------------------------------------------
 
@@ -92,32 +326,86 @@ class Index:
             self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
+    def _lock(self) -> Any:
+        from machinable.storage import FileLock
+
+        return FileLock(self.root / ".locks" / "index")
+
     def _connect(self) -> sqlite3.Connection:
-        fresh = not self.path.exists()
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        if fresh or _schema_version(conn) != SCHEMA_VERSION:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if _schema_version(conn) != SCHEMA_VERSION:  # re-check under the lock
-                    for table in ("experiments", "config_values", "meta"):
-                        conn.execute(f"DROP TABLE IF EXISTS {table}")
-                    for statement in _SCHEMA:
-                        conn.execute(statement)
-                    conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-                    conn.execute("INSERT OR REPLACE INTO meta VALUES ('root_mtime', '')")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
+        try:
+            return self._open()
+        except sqlite3.DatabaseError as e:
+            if not is_damage(e):
                 raise
+        self._discard()
+        return self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        if not self.path.exists():
+            with self._lock():
+                if not self.path.exists():
+                    # A WAL left by a deleted index would be replayed into the new one.
+                    _unlink(self.path.with_name(INDEX_FILE + "-wal"))
+                    _unlink(self.path.with_name(INDEX_FILE + "-shm"))
+                    return self._configure(sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False))
+        return self._configure(sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False))
+
+    def _configure(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            if _schema_version(conn) != SCHEMA_VERSION:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if _schema_version(conn) != SCHEMA_VERSION:  # re-check under the write lock
+                        for table in ("experiments", "config_values", "meta"):
+                            conn.execute(f"DROP TABLE IF EXISTS {table}")
+                        for statement in _SCHEMA:
+                            conn.execute(statement)
+                        conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                        conn.execute("INSERT OR REPLACE INTO meta VALUES ('root_mtime', '')")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+        except BaseException:
+            conn.close()
+            raise
+        _keep_wal(conn, self.path)
         return conn
+
+    def _discard(self) -> None:
+        """Delete a damaged index file (it is rebuilt from the directories)."""
+        self.close()
+        with self._lock():
+            for suffix in ("", "-wal", "-shm"):
+                _unlink(self.path.with_name(INDEX_FILE + suffix))
+        self._synced_mtime = None
+
+    def recover(self) -> None:
+        """Replace a damaged index with an empty one; the next lookup fills it."""
+        self._discard()
+        self.db  # noqa: B018 - reconnect now, so errors surface here
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
-            conn.close()
             self._local.conn = None
+            for entry in [e for e in _open if e[2] is conn]:
+                _open.remove(entry)
+            if getattr(self._local, "pid", None) == os.getpid():
+                conn.close()
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(db)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return result
 
     # --- writes ---------------------------------------------------------------------
 
@@ -125,38 +413,40 @@ class Index:
         self.upsert_many([row])
 
     def upsert_many(self, rows: list[dict[str, Any]]) -> None:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            self._write_rows(db, rows)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        self._transaction(lambda db: self._write_rows(db, rows))
 
     @staticmethod
     def _write_rows(db: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            db.execute(
-                f"INSERT OR REPLACE INTO experiments ({','.join(COLUMNS)}) VALUES ({','.join('?' * len(COLUMNS))})",
-                tuple(row.get(c) for c in COLUMNS),
-            )
-            db.execute("DELETE FROM config_values WHERE id=?", (row["id"],))
-            db.executemany(
-                "INSERT OR IGNORE INTO config_values VALUES (?, ?, ?)",
-                [(row["id"], k, value_key(v)) for k, v in (row.get("flat_config") or {}).items()],
-            )
+        """Insert or update rows; a row never replaces one derived from a longer ledger."""
+        db.executemany(_UPSERT, [tuple(row.get(c, 0 if c == "events_size" else None) for c in COLUMNS) for row in rows])
+        db.executemany(
+            "INSERT OR IGNORE INTO config_values VALUES (?, ?, ?)",
+            [(row["id"], k, value_key(v)) for row in rows for k, v in (row.get("flat_config") or {}).items()],
+        )
+
+    def refresh(self, experiment_id: str, read: ReadRow | None = None) -> None:
+        """Re-derive one experiment's row from its directory (after a ledger event)."""
+        row = (read or (lambda i: read_row(self.root, i)))(experiment_id)
+        if row is None:
+            self.delete(experiment_id)
+        else:
+            self.upsert(row)
 
     def set_state(self, experiment_id: str, state: str, **times: str | None) -> None:
+        """Overwrite state columns of a row (prefer ``refresh``, which reads them from the ledger)."""
+        allowed = {"started", "finished", "execution"}
+        unknown = set(times) - allowed
+        if unknown:
+            raise ValueError(f"set_state() takes {sorted(allowed)}, not {sorted(unknown)}")
         sets = ["state=?"] + [f"{k}=?" for k in times]
         self.db.execute(f"UPDATE experiments SET {', '.join(sets)} WHERE id=?", (state, *times.values(), experiment_id))
 
     def delete(self, experiment_id: str) -> None:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("DELETE FROM experiments WHERE id=?", (experiment_id,))
-        db.execute("DELETE FROM config_values WHERE id=?", (experiment_id,))
-        db.execute("COMMIT")
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM experiments WHERE id=?", (experiment_id,))
+            db.execute("DELETE FROM config_values WHERE id=?", (experiment_id,))
+
+        self._transaction(work)
 
     def note_published(self, before: int | None, row: dict[str, Any] | None = None) -> None:
         """After publishing a directory: make sure its row is there, and keep the
@@ -167,27 +457,21 @@ class Index:
         sync's deletions and this check run in one write transaction each, so
         one of them sees the directory.
         """
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        after: int | None = None
+        if before is not None:
+            try:
+                after = self.root.stat().st_mtime_ns
+            except OSError:
+                after = None
+
+        def work(db: sqlite3.Connection) -> int:
             if row is not None and db.execute("SELECT 1 FROM experiments WHERE id=?", (row["id"],)).fetchone() is None:
                 self._write_rows(db, [row])
-            updated = 0
-            after = None
-            if before is not None:
-                try:
-                    after = self.root.stat().st_mtime_ns
-                except OSError:
-                    after = None
-            if after is not None:
-                updated = db.execute(
-                    "UPDATE meta SET value=? WHERE key='root_mtime' AND value=?", (str(after), str(before))
-                ).rowcount
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        if updated:
+            if after is None:
+                return 0
+            return db.execute("UPDATE meta SET value=? WHERE key='root_mtime' AND value=?", (str(after), str(before))).rowcount
+
+        if self._transaction(work):
             self._synced_mtime = after
 
     # --- freshness ------------------------------------------------------------------
@@ -206,61 +490,98 @@ class Index:
             return current
         return None
 
-    def ensure_fresh(self, read_row: ReadRow) -> None:
+    def ensure_fresh(self, read: ReadRow | None = None, progress: Progress | None = None) -> None:
         """Sync with the directories if the storage folder changed unseen."""
         if self.fresh_mtime() is None:
-            self.sync(read_row)
+            self.sync(read, progress=progress)
 
-    def sync(self, read_row: ReadRow, *, full: bool = False, progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
-        """Add unindexed directories and drop rows without one. (added, removed)"""
+    def sync(self, read: ReadRow | None = None, *, full: bool = False, progress: Progress | None = None) -> tuple[int, int]:
+        """Add unindexed directories and drop rows without one. (added, removed)
+
+        ``full`` re-reads every directory (a rebuild) instead of only new ones.
+        """
+        read = read or (lambda i: read_row(self.root, i))
         try:
             before = self.root.stat().st_mtime_ns
         except FileNotFoundError:
             return (0, 0)
-        on_disk = {name for name in os.listdir(self.root) if _ID.match(name)}
+        with os.scandir(self.root) as entries:
+            on_disk = {e.name for e in entries if _ID.match(e.name) and e.is_dir()}
         indexed = {r[0] for r in self.db.execute("SELECT id FROM experiments")}
         missing = sorted(on_disk if full else on_disk - indexed)
         gone = indexed - on_disk
+        if progress is None and len(missing) >= 5000 and sys.stderr.isatty():
+            progress = _stderr_progress(f"machinable: indexing {len(missing):,} experiment directories in {self.root}")
         added = 0
-        batch: list[dict[str, Any]] = []
-        for i, experiment_id in enumerate(missing):
-            row = read_row(experiment_id)
-            if row is not None:
-                batch.append(row)
-            if len(batch) >= 500:
-                self.upsert_many(batch)
-                added += len(batch)
-                batch = []
+        for done, rows in _read_rows(read, missing):
+            if rows:
+                self.upsert_many(rows)
+                added += len(rows)
             if progress is not None:
-                progress(i + 1, len(missing))
-        if batch:
-            self.upsert_many(batch)
-            added += len(batch)
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")  # one transaction: see note_published
-        try:
+                progress(done, len(missing))
+
+        def work(db: sqlite3.Connection) -> None:  # one transaction: see note_published
             for experiment_id in gone:
                 if not (self.root / experiment_id).exists():
                     db.execute("DELETE FROM experiments WHERE id=?", (experiment_id,))
                     db.execute("DELETE FROM config_values WHERE id=?", (experiment_id,))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('root_mtime', ?)", (str(before),))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+
+        self._transaction(work)
         self._synced_mtime = before
         return added, len(gone)
 
-    def rebuild(self, read_row: ReadRow, progress: Callable[[int, int], None] | None = None) -> int:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("DELETE FROM experiments")
-        db.execute("DELETE FROM config_values")
-        db.execute("UPDATE meta SET value='' WHERE key='root_mtime'")
-        db.execute("COMMIT")
+    def rebuild(self, read: ReadRow | None = None, progress: Progress | None = None) -> int:
+        """Empty the index and fill it from the directories alone. Returns the row count."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM experiments")
+            db.execute("DELETE FROM config_values")
+            db.execute("UPDATE meta SET value='' WHERE key='root_mtime'")
+
+        self._transaction(work)
         self._synced_mtime = None
-        added, _ = self.sync(read_row, full=True, progress=progress)
+        added, _ = self.sync(read, full=True, progress=progress)
+        try:
+            self.db.execute("PRAGMA optimize")
+        except sqlite3.OperationalError:
+            pass
         return added
+
+    def settle(self, read: ReadRow | None = None) -> int:
+        """Re-read every unfinished row whose ledger changed size since it was indexed.
+
+        Catches events appended without an index update (a crash in between,
+        or a writer that does not know the index). Finished records are
+        sealed and cannot change. Returns how many rows were re-read.
+        """
+        grown, shrunk = [], []
+        for experiment_id, size in self.db.execute("SELECT id, events_size FROM experiments WHERE state != 'finished'").fetchall():
+            try:
+                current = os.stat(self.root / experiment_id / EVENTS).st_size
+            except FileNotFoundError:
+                current = -1
+            except OSError:
+                continue
+            if current > size:
+                grown.append(experiment_id)
+            elif current != size:  # a torn last line was cut off, or the folder is gone
+                shrunk.append(experiment_id)
+        if not grown and not shrunk:
+            return 0
+        read = read or (lambda i: read_row(self.root, i))
+        rows = {i: read(i) for i in grown + shrunk}
+
+        def work(db: sqlite3.Connection) -> None:
+            for experiment_id, row in rows.items():
+                if row is None or experiment_id in shrunk:  # the guard would keep the longer, older row
+                    db.execute("DELETE FROM experiments WHERE id=?", (experiment_id,))
+                if row is None:
+                    db.execute("DELETE FROM config_values WHERE id=?", (experiment_id,))
+            self._write_rows(db, [row for row in rows.values() if row is not None])
+
+        self._transaction(work)
+        return len(rows)
 
     # --- reads ------------------------------------------------------------------------
 
@@ -279,6 +600,25 @@ class Index:
         rows = self.db.execute("SELECT id FROM experiments WHERE id >= ? AND id < ? ORDER BY id LIMIT ?", (prefix, upper, limit))
         return [r[0] for r in rows]
 
+    def row(self, experiment_id: str) -> dict[str, Any] | None:
+        found = self.db.execute(f"SELECT {','.join(COLUMNS)} FROM experiments WHERE id=?", (experiment_id,)).fetchone()
+        return dict(zip(COLUMNS, found)) if found else None
+
+    def config_is_selective(self, config: dict[str, list[str]], bound: int = 2000) -> bool:
+        """Whether some config condition matches fewer than ``bound`` rows (cheap: stops at ``bound``)."""
+        for key, values in config.items():
+            marks = ",".join("?" * len(values))
+            count = self.db.execute(
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM config_values WHERE key=? AND value IN ({marks}) LIMIT {int(bound)})",
+                (key, *values),
+            ).fetchone()[0]
+            if count < bound:
+                return True
+        return False
+
+    def has_config_key(self, key: str) -> bool:
+        return self.db.execute("SELECT 1 FROM config_values WHERE key=? LIMIT 1", (key,)).fetchone() is not None
+
     def query(self, where: str = "1", params: tuple[Any, ...] = (), *, order: str = "created DESC",
               limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
         return list(self.iter_query(where, params, order=order, limit=limit, offset=offset))
@@ -288,10 +628,242 @@ class Index:
         sql = f"SELECT {','.join(COLUMNS)} FROM experiments WHERE {where} ORDER BY {order}"
         if limit is not None:
             sql += f" LIMIT {int(limit)} OFFSET {int(offset)}"
+        rows = self.db.execute(sql, params).fetchall() if limit is not None and limit <= PAGE else None
+        if rows is not None:
+            yield from (dict(zip(COLUMNS, r)) for r in rows)
+            return
         cursor = self.db.execute(sql, params)
-        while rows := cursor.fetchmany(500):
-            for r in rows:
+        while page := cursor.fetchmany(PAGE):
+            for r in page:
                 yield dict(zip(COLUMNS, r))
 
     def count(self, where: str = "1", params: tuple[Any, ...] = ()) -> int:
         return self.db.execute(f"SELECT COUNT(*) FROM experiments WHERE {where}", params).fetchone()[0]
+
+    def pages(self, where: str, params: Iterable[Any], *, descending: bool = True, offset: int = 0) -> Iterator[dict[str, Any]]:
+        """Matching rows in (created, id) order, fetched a page at a time.
+
+        Keyset pagination: no cursor stays open while the caller works on a
+        page (so the caller may write to the index meanwhile), and memory
+        stays flat however many rows match.
+        """
+        direction, compare = ("DESC", "<") if descending else ("ASC", ">")
+        base = f"SELECT {','.join(COLUMNS)} FROM experiments WHERE ({where})"
+        order = f" ORDER BY created {direction}, id {direction} LIMIT {PAGE}"
+        params = tuple(params)
+        rows = self.db.execute(base + order + f" OFFSET {int(offset)}", params).fetchall()
+        while rows:
+            yield from (dict(zip(COLUMNS, r)) for r in rows)
+            if len(rows) < PAGE:
+                return
+            last = rows[-1]
+            rows = self.db.execute(
+                base + f" AND (created, id) {compare} (?, ?)" + order, (*params, last[COLUMNS.index("created")], last[0])
+            ).fetchall()
+
+
+def _read_rows(read: ReadRow, ids: list[str], chunk: int = 2000) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(ids read so far, rows) in chunks; many directories are read by a few
+    threads at once, since reading them waits on the disk, not the CPU."""
+    if len(ids) <= chunk:
+        for start in range(0, len(ids), 200):
+            yield min(start + 200, len(ids)), [r for r in map(read, ids[start:start + 200]) if r is not None]
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="machinable-index") as pool:
+        for start in range(0, len(ids), chunk):
+            part = ids[start:start + chunk]
+            yield start + len(part), [r for r in pool.map(read, part, chunksize=50) if r is not None]
+
+
+def _stderr_progress(title: str) -> Progress:
+    state = {"shown": -1}
+
+    def progress(done: int, total: int) -> None:
+        percent = done * 100 // max(total, 1)
+        if percent != state["shown"]:
+            state["shown"] = percent
+            end = "\n" if done >= total else ""
+            sys.stderr.write(f"\r{title}: {percent}%{end}")
+            sys.stderr.flush()
+
+    return progress
+
+
+# --- queries ----------------------------------------------------------------------------------
+
+ORDERS = {"newest": True, "oldest": False}
+
+
+@dataclass
+class Query:
+    """What ``Storage.find`` and ``machinable list`` ask the index for."""
+
+    module: str | None = None
+    state: str | None = None
+    since: str | None = None  # ISO time, UTC
+    config: dict[str, list[str]] = field(default_factory=dict)  # flat key -> acceptable value keys
+
+    def where(self, by_config: bool = False) -> tuple[str, list[Any]]:
+        """SQL condition and parameters. ``by_config``: make SQLite start from
+        the config value lookup (when it matches few rows) rather than walk an
+        index of module, state or time and test every row against it."""
+        plus = "+" if by_config and self.config else ""
+        where, params = ["1"], []
+        if self.module:
+            where.append(f"{plus}module=?")
+            params.append(self.module)
+        if self.state:
+            # a 'running' row whose process died is 'interrupted' (checked per row)
+            if self.state == "interrupted":
+                where.append(f"{plus}state IN ('interrupted', 'running')")
+            else:
+                where.append(f"{plus}state=?")
+                params.append(self.state)
+        if self.since:
+            where.append(f"{plus}created>=?")
+            params.append(self.since)
+        for key, values in self.config.items():
+            marks = ",".join("?" * len(values))
+            where.append(f"id IN (SELECT id FROM config_values WHERE key=? AND value IN ({marks}))")
+            params.extend([key, *values])
+        return " AND ".join(where), params
+
+
+def live_state(root: Path, row: dict[str, Any]) -> str:
+    """A row's state, with 'running' checked against the claim (a dead run is 'interrupted')."""
+    if row["state"] == "running":
+        from machinable.storage import claim_is_held
+
+        if not claim_is_held(root / row["id"]):
+            return "interrupted"
+    return row["state"]
+
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)$")
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(value: Any) -> str:
+    """A point in time as the index stores times (UTC ISO text).
+
+    Accepts a ``datetime``/``date``, ISO text (``2024-05-01``,
+    ``2024-05-01T12:00``, with or without offset; local time without), a
+    duration back from now (``30m``, ``12h``, ``7d``, ``2w``), ``today`` or
+    ``yesterday``.
+    """
+    from datetime import date, datetime, time, timedelta, timezone
+
+    from machinable.errors import UsageError
+
+    now = datetime.now(timezone.utc)
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo else value.astimezone()
+    elif isinstance(value, date):
+        moment = datetime.combine(value, time()).astimezone()
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        relative = _RELATIVE.match(text)
+        if relative:
+            moment = now - timedelta(seconds=float(relative.group(1)) * _UNITS[relative.group(2)])
+        elif text in ("today", "yesterday"):
+            midnight = datetime.combine(datetime.now().date(), time()).astimezone()
+            moment = midnight - timedelta(days=1 if text == "yesterday" else 0)
+        else:
+            try:
+                moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+            except ValueError:
+                raise UsageError(
+                    f"Invalid time {value!r} for --since: give a date (2024-05-01), a date and time "
+                    "(2024-05-01T14:30), a duration back from now (30m, 12h, 7d, 2w), today or yesterday."
+                ) from None
+            if moment.tzinfo is None:
+                moment = moment.astimezone()
+    else:
+        raise UsageError(f"Invalid time {value!r} for since=: give a datetime, a date or text such as '7d'.")
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+STATES = ("created", "dispatched", "running", "finished", "failed", "interrupted", DAMAGED)
+
+
+class Found:
+    """Stored experiments matching a query, newest first (``Storage.find``).
+
+    Nothing is read until you iterate, and then a page at a time: iterating
+    yields ``Experiment`` objects (restored from storage, no user code
+    imported), ``rows()`` yields the index rows (dicts). There is no cap:
+    without ``limit`` every match is yielded.
+    """
+
+    def __init__(self, storage: Any, query: Query, *, order: str = "newest", limit: int | None = None, offset: int = 0) -> None:
+        self.storage = storage
+        self.query = query
+        self.order = order
+        self.limit = limit
+        self.offset = offset
+
+    def __repr__(self) -> str:
+        parts = [f"{k}={v!r}" for k, v in (("module", self.query.module), ("state", self.query.state), ("since", self.query.since)) if v]
+        parts += [f"{k}=..." for k in self.query.config]
+        if self.limit is not None:
+            parts.append(f"limit={self.limit}")
+        return f"<Found {' '.join(parts) or 'all'} ({self.order} first) in {self.storage.root}>"
+
+    def _index(self) -> Index | None:
+        if not self.storage.root.is_dir():
+            return None
+        index = self.storage.fresh_index()
+        index.settle(self.storage.read_row)
+        return index
+
+    @property
+    def _live(self) -> bool:
+        """Whether the state filter needs the claim of each candidate checked."""
+        return self.query.state in ("running", "interrupted")
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Index rows (dicts, ``state`` checked live), in order, lazily."""
+        index = self._index()
+        if index is None or self.limit == 0:
+            return
+        where, params = self.query.where(by_config=index.config_is_selective(self.query.config))
+        skip = self.offset if self._live else 0
+        seen = 0
+        for row in index.pages(where, params, descending=ORDERS[self.order], offset=0 if self._live else self.offset):
+            if not (self.storage.root / row["id"]).is_dir():
+                continue
+            row["state"] = live_state(self.storage.root, row)
+            if self.query.state and row["state"] != self.query.state:
+                continue
+            if skip:
+                skip -= 1
+                continue
+            yield row
+            seen += 1
+            if self.limit is not None and seen >= self.limit:
+                return
+
+    def __iter__(self) -> Iterator[Any]:
+        from machinable.experiment import Experiment
+
+        for row in self.rows():
+            if row["state"] != DAMAGED:  # cannot be restored; `machinable list`/`verify` show them
+                yield Experiment.restore(self.storage, row["id"])
+
+    def ids(self) -> Iterator[str]:
+        return (row["id"] for row in self.rows())
+
+    def first(self) -> Any:
+        """The first match, or None."""
+        return next(iter(self), None)
+
+    def count(self) -> int:
+        """How many experiments match (ignoring ``limit`` and ``offset``)."""
+        if self._live:
+            return sum(1 for _ in Found(self.storage, self.query, order=self.order).rows())
+        index = self._index()
+        if index is None:
+            return 0
+        return index.count(*self.query.where(by_config=index.config_is_selective(self.query.config)))
