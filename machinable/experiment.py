@@ -24,7 +24,7 @@ import orjson
 from machinable.config import canonical, config_class, make_config
 from machinable.element import Element
 from machinable.errors import CodeChangedError, ConfigError, ModuleNotFound, StorageError, StorageFormatError
-from machinable.hashing import Closure, closure_of, digest, hex_of
+from machinable.hashing import CACHE, Closure, closure_of, digest, hex_of
 from machinable.ledger import Ledger
 from machinable.storage import (
     DIR_MODE,
@@ -35,6 +35,7 @@ from machinable.storage import (
     begin_seal,
     complete_seal,
     is_sealed,
+    json_bytes,
     make_dirs,
     make_temp_dir,
     publish_dir,
@@ -43,7 +44,8 @@ from machinable.storage import (
     remove_temp_files,
     repair_torn_tail,
     seal,
-    write_json,
+    sync_paths,
+    write_unpublished,
 )
 
 SHORT = 12
@@ -198,7 +200,7 @@ class Experiment(Element):
                 root = Path(entry).parents[len(self.module.split(".")) - 1]
             else:
                 root = self.project.path
-            self._closure = closure_of(root, entry, exclude=(self.storage.root,))
+            self._closure = closure_of(root, entry, exclude=(self.storage.root,), cache_dir=self.storage.root / CACHE)
         return self._closure
 
     @property
@@ -435,15 +437,22 @@ class Experiment(Element):
         git_info, git_diff = git.capture(self.project.path, exclude=[storage.root])
         tmp = make_temp_dir(storage.root)
         try:
-            write_json(tmp / "experiment.json", record)
-            write_json(tmp / "code.json", closure.as_json())
-            write_json(tmp / "git.json", git_info)
-            atomic_write(tmp / "git.diff", git_diff)  # empty for a clean tree
-            write_json(tmp / "env.json", environment.capture(closure.third_party))
+            # the folder is published by one rename: its files need no renames of their
+            # own, only to be durable before it (one concurrent fsync of all of them)
+            contents = {
+                "experiment.json": json_bytes(record),
+                "code.json": json_bytes(closure.as_json()),
+                "git.json": json_bytes(git_info),
+                "git.diff": git_diff,  # empty for a clean tree
+                "env.json": json_bytes(environment.capture(closure.third_party)),
+                "output.log": b"",
+                "records.jsonl": b"",
+            }
+            for name, data in contents.items():
+                write_unpublished(tmp / name, data)
             Ledger(tmp).append("created", sync=False)
-            for name in ("output.log", "records.jsonl"):
-                atomic_write(tmp / name, b"")
             (tmp / "data").mkdir(mode=DIR_MODE)
+            sync_paths([*(tmp / name for name, data in contents.items() if data), tmp / "events.jsonl", tmp / "data", tmp])
             index = storage.index
             row = storage_row(record, git_info, "created")
             index.upsert(row)  # before the rename: a directory never exists unindexed
@@ -531,7 +540,9 @@ class Experiment(Element):
         try:
             if self.ledger.state(check_claim=False) == "finished":
                 return False
-            self.ledger.append("dispatched", execution=info)
+            # not synced: durable with the "started" event (same file) that follows;
+            # lost in a power cut before it, the experiment is simply not dispatched yet
+            self.ledger.append("dispatched", execution=info, sync=False)
             return True
         finally:
             claim.release()
@@ -542,7 +553,7 @@ class Experiment(Element):
             _set_state(self.storage, self.experiment_id, "finished")
 
     def _check_code_unchanged(self) -> None:
-        current = closure_of(self.project.path, self.project.module_file(self.module), exclude=(self.storage.root,)) if not self.module.startswith("machinable.") else None
+        current = closure_of(self.project.path, self.project.module_file(self.module), exclude=(self.storage.root,), cache_dir=self.storage.root / CACHE) if not self.module.startswith("machinable.") else None
         if current is not None and current.code_hash != self.code_hash:
             recorded = read_json(self.directory / "code.json").get("files", {})
             changed = sorted(
@@ -639,7 +650,7 @@ class Experiment(Element):
             )
             return "interrupted"
         begin_seal(self.directory)  # from here on, a crash is completed by the next launch
-        ledger.append("finished", attempt=attempt, result=saved)
+        ledger.append("finished", attempt=attempt, result=saved, sync=False)  # synced by the seal, with the rest
         _set_state(storage, self.experiment_id, "finished", finished=_now())
         _seal(self.directory)
         return "finished"

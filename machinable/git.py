@@ -8,6 +8,7 @@ pay for it.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,12 +103,21 @@ def capture(start: Path, exclude: list[Path] | None = None) -> tuple[dict[str, A
     The diff includes untracked (not ignored) files' content: it is taken
     against HEAD from a temporary copy of the index to which every change has
     been added, so the real index is never touched.
+
+    Launching many experiments from an unchanged tree asks git once: the
+    result is kept with the stat of everything git looked at (see
+    ``_Snapshot``) and reused while none of it changed.
     """
+    key = (str(start), tuple(str(p) for p in exclude or ()))
+    snapshot = _snapshots.get(key)
+    if snapshot is not None and snapshot.still_valid():
+        return snapshot.result()
     head = read_head(start)
     if head is None:
         return {"repository": False, "note": "not inside a git repository"}, b""
     repo = _repo(head.worktree)
     excludes = []
+    excluded_dirs = []
     for path in exclude or []:
         try:
             rel = Path(path).resolve().relative_to(head.worktree.resolve())
@@ -115,7 +125,11 @@ def capture(start: Path, exclude: list[Path] | None = None) -> tuple[dict[str, A
             continue
         if rel.parts:
             excludes.append(f":(exclude){rel.as_posix()}")
-    status = repo.git.status("--porcelain=v1", "-z", "--untracked-files=all", "--", ".", *excludes)
+            excluded_dirs.append(rel.as_posix())
+    started = time.time()
+    # --ignored=matching lists ignored folders without descending into them: the
+    # snapshot needs them to know what not to watch
+    status = repo.git.status("--porcelain=v1", "-z", "--untracked-files=all", "--ignored=matching", "--", ".", *excludes)
     changed, untracked = _parse_status(status)
     diff = b""
     if changed or untracked:
@@ -130,7 +144,103 @@ def capture(start: Path, exclude: list[Path] | None = None) -> tuple[dict[str, A
         "changed_files": changed,
         "untracked_files": untracked,
     }
+    snapshot = _Snapshot.take(head, info, diff, skip={*excluded_dirs, *_ignored(status)}, since=started)
+    if snapshot is not None:
+        _snapshots[key] = snapshot
+    else:
+        _snapshots.pop(key, None)
     return info, diff
+
+
+# --- reusing a capture while nothing changed -----------------------------------------
+
+# A file changed this recently may change again within the same timestamp tick
+# (coarse kernel clocks, NFS) without changing its stat; a snapshot that saw
+# such a file is not kept (git treats "racily clean" index entries alike).
+RACY_SECONDS = 2.0
+# Watching more than this many paths would cost more than asking git.
+MAX_WATCHED = 5000
+
+Stamp = tuple[int, int, int, int, int] | None
+
+
+def _stamp(path: str) -> Stamp:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_mode)
+
+
+def _git_files(head: Head) -> list[str]:
+    """Files whose change can change the capture without touching the tree:
+    HEAD and the branch ref (a commit or checkout rewrites them), the index,
+    git's config and ignore files."""
+    home = Path.home()
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    files = [
+        head.git_dir / "HEAD", head.git_dir / "index", head.common_dir / "packed-refs",
+        head.common_dir / "config", head.common_dir / "info" / "exclude",
+        home / ".gitconfig", xdg / "git" / "config", xdg / "git" / "ignore",
+    ]
+    if head.branch is not None:
+        ref = f"refs/heads/{head.branch}"
+        files += [head.git_dir / ref, head.common_dir / ref]
+    return [str(p) for p in files]
+
+
+@dataclass
+class _Snapshot:
+    """A capture and the stat of every path that could change it.
+
+    Watched: every file git sees (tracked, untracked, and ignored ones in
+    watched folders), every folder it walks (an added or removed entry changes
+    the folder's mtime), HEAD, the branch ref, the index, git's config and
+    the ignore files. Ignored folders, the storage and ``.git`` are not
+    watched: git does not look into them either. Any difference in any stamp
+    means git is asked again.
+    """
+
+    stamps: dict[str, Stamp]
+    info: dict[str, Any]
+    diff: bytes
+
+    @classmethod
+    def take(cls, head: Head, info: dict[str, Any], diff: bytes, skip: set[str], since: float) -> "_Snapshot | None":
+        root = str(head.worktree)
+        paths = _git_files(head)
+        for directory, dirs, files in os.walk(root):
+            rel = os.path.relpath(directory, root)
+            prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            dirs[:] = [d for d in dirs if d != ".git" and (prefix + d) not in skip and (prefix + d + "/") not in skip]
+            paths.append(directory)
+            paths.extend(os.path.join(directory, f) for f in files if f != ".git" and (prefix + f) not in skip)
+            if len(paths) > MAX_WATCHED:
+                return None
+        stamps = {p: _stamp(p) for p in paths}
+        # stamps taken after git ran: anything git saw that changed since is racy by this measure too
+        racy = int((since - RACY_SECONDS) * 1e9)
+        if any(s is not None and max(s[0], s[1]) >= racy for s in stamps.values()):
+            return None
+        return cls(stamps, info, diff)
+
+    def still_valid(self) -> bool:
+        return all(_stamp(p) == s for p, s in self.stamps.items())
+
+    def result(self) -> tuple[dict[str, Any], bytes]:
+        info = dict(self.info)
+        for key in ("changed_files", "untracked_files"):
+            if key in info:
+                info[key] = list(info[key])
+        return info, self.diff
+
+
+_snapshots: dict[tuple[str, tuple[str, ...]], _Snapshot] = {}
+
+
+def _ignored(status: str) -> list[str]:
+    """Ignored paths of ``git status --ignored`` output (folders end with "/")."""
+    return [entry[3:].rstrip("/") for entry in status.split("\0") if entry.startswith("!! ")]
 
 
 def _parse_status(status: str) -> tuple[list[str], list[str]]:
@@ -144,6 +254,8 @@ def _parse_status(status: str) -> tuple[list[str], list[str]]:
         if len(entry) < 4:
             continue
         code, path = entry[:2], entry[3:]
+        if code == "!!":  # ignored (listed with --ignored)
+            continue
         if code == "??":
             untracked.append(path)
         else:

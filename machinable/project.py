@@ -137,9 +137,10 @@ class Project:
 
     def _closure_sources(self, path: Path) -> dict[str, str]:
         """Absolute path -> byte digest of the module and its project-local imports."""
-        from machinable.hashing import closure_of
+        from machinable.hashing import CACHE, closure_of
+        from machinable.storage import Storage
 
-        closure = closure_of(self.path, path)
+        closure = closure_of(self.path, path, cache_dir=Storage.current().root / CACHE)
         return {str(self.path / rel): info.raw for rel, info in closure.files.items()}
 
     def element_class(self, name: str, base: type | None = None) -> type:

@@ -79,7 +79,65 @@ def atomic_write(path: Path, data: bytes, *, what: str | None = None) -> None:
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
-    atomic_write(path, orjson.dumps({"format": FORMAT, **document}, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    atomic_write(path, json_bytes(document))
+
+
+def json_bytes(document: dict[str, Any]) -> bytes:
+    """How every stored JSON document is written: with its format, sorted, indented."""
+    return orjson.dumps({"format": FORMAT, **document}, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+
+
+def write_unpublished(path: Path, data: bytes, *, what: str | None = None) -> None:
+    """Write a file inside a folder that is not published yet (see ``make_temp_dir``).
+
+    No temp file and no fsync of its own: the folder's rename publishes all
+    its files at once, after one ``sync_paths`` of them all.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _storage_error(e, what or path.name, path) from e
+
+
+_sync_pool: tuple[int, Any] | None = None
+
+
+def sync_paths(paths: list[Path]) -> None:
+    """Make files (and folders' entries) durable: fsync each, all at once.
+
+    The fsyncs run concurrently, so the file system can commit them together
+    (one journal commit and one device flush instead of one per file); each
+    file still gets its own fsync, so this holds on any POSIX file system.
+    """
+    if not fsync_enabled() or not paths:
+        return
+    if len(paths) == 1:
+        _fsync_path(paths[0])
+        return
+    global _sync_pool
+    if _sync_pool is None or _sync_pool[0] != os.getpid():  # a forked child has no pool threads
+        from concurrent.futures import ThreadPoolExecutor
+
+        _sync_pool = (os.getpid(), ThreadPoolExecutor(max_workers=8, thread_name_prefix="machinable-fsync"))
+    for future in [_sync_pool[1].submit(_fsync_path, p) for p in paths]:
+        future.result()
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _storage_error(e, path.name, path) from e
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -419,10 +477,25 @@ def manifest_files(directory: Path) -> Iterator[Path]:
 
 
 def write_manifest(directory: Path) -> None:
+    """Write MANIFEST once every file it lists is durable, so a sealed record is
+    whole after a power cut too (events, output and data are appended
+    without fsync while the run lasts; they are synced here, together)."""
     from machinable.hashing import ALGORITHM, file_digest
 
-    files = {p.relative_to(directory).as_posix(): file_digest(p) for p in manifest_files(directory)}
-    write_json(directory / MANIFEST, {"algorithm": ALGORITHM, "files": files, "sealed": now_iso()})
+    listed = list(manifest_files(directory))
+    files = {p.relative_to(directory).as_posix(): file_digest(p) for p in listed}
+    path = directory / MANIFEST
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write_unpublished(tmp, json_bytes({"algorithm": ALGORITHM, "files": files, "sealed": now_iso()}), what=MANIFEST)
+        sync_paths([*listed, tmp])
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def make_read_only(directory: Path) -> None:
