@@ -72,7 +72,7 @@ class DispatchReport:
         for experiment_id in self.interrupted:
             lines.append(f"  interrupted: {experiment_id[:12]}: {self.errors.get(experiment_id, 'see events.jsonl')}")
         if self.failed:
-            lines.append("  `machinable show ID` has the traceback; launching again resumes the failed ones.")
+            lines.append("  `machinable show ID` has the details (the traceback, if any); launching again resumes the failed ones.")
         by_reason: dict[str, list[str]] = {}
         for experiment_id in self.not_started:
             by_reason.setdefault(self.reasons.get(experiment_id) or NOT_STARTED_CAUSE, []).append(experiment_id)
