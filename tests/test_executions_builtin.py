@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import re
 import signal
@@ -150,10 +151,16 @@ def test_process_output_streams_live(project, tmp_path):
 def test_multiprocess_isolates_crashes(project):
     add_modules(project, crash=CRASH)
     experiments = {how: get("crash", {"how": how}) for how in ("exit", "ok", "segfault", "raise")}
-    with pytest.raises(ExecutionError) as raised:
-        with get("machinable.execution.multiprocess", {"processes": 2}):
-            for experiment in experiments.values():
-                experiment.launch()
+    enabled = faulthandler.is_enabled()
+    faulthandler.disable()  # pytest's, inherited by forked workers, would dump this process's stack
+    try:
+        with pytest.raises(ExecutionError) as raised:
+            with get("machinable.execution.multiprocess", {"processes": 2}):
+                for experiment in experiments.values():
+                    experiment.launch()
+    finally:
+        if enabled:
+            faulthandler.enable(file=sys.__stderr__)
     assert raised.value.report.summary() == "1 finished, 3 failed, 0 not started"
     assert experiments["ok"].is_finished()
     errors = {how: events(e, "failed")[-1]["error"] for how, e in experiments.items() if how != "ok"}
