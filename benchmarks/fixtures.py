@@ -152,43 +152,40 @@ def tracked_files(n: int) -> dict[str, str]:
 # --- the cached 100k storage -------------------------------------------------------
 
 
-def stored_key(count: int) -> dict[str, object]:
-    from machinable import __version__
-    from machinable.index import SCHEMA_VERSION
-    from machinable.storage import FORMAT
-
-    return {"count": count, "format": FORMAT, "schema": SCHEMA_VERSION, "machinable": __version__,
-            "module": TRIVIAL, "python": sys.version_info[:2]}
-
-
 def stored_project(results: Path, count: int, workers: int, log=print) -> Path:
     """A project whose storage holds ``count`` finished trivial experiments (x = 0..count-1).
 
     Generated once through the public API (``get("trivial", {"x": i}).launch()``
     in ``workers`` processes, with ``MACHINABLE_FSYNC=0`` because nothing here
-    needs to survive a power cut) and cached in ``results/``: it is slow.
-    The cache is keyed by the storage format, index schema and module; a
-    stale or unfinished one is completed or made again.
+    needs to survive a power cut) and kept in ``results/``: it is slow. An
+    interrupted generation is completed; one whose experiments the current
+    machinable no longer finds (identity scheme changed) is made again.
     """
     from benchmarks.harness import run_worker
 
     base = results / f"stored-{count}"
     project = base / "project"
-    key_file = base / "key.json"
-    key = stored_key(count)
-    complete = key_file.exists() and json.loads(key_file.read_text()) == json.loads(json.dumps(key))
-    if complete and (project / "storage").is_dir():
-        return project
-    if not (project / "trivial.py").exists() or (project / "trivial.py").read_text() != TRIVIAL or key_file.exists():
+    storage = project / "storage"
+    if (project / "trivial.py").exists() and (project / "trivial.py").read_text() == TRIVIAL and storage.is_dir():
+        stored = sum(1 for e in os.scandir(storage) if len(e.name) == 32)
+        if stored >= count:
+            try:
+                run_worker("check_stored", {"count": count}, cwd=project)
+                return project
+            except RuntimeError:
+                log("the stored experiments are from another identity scheme: generating them again")
+                remove_tree(base)
+    else:
         remove_tree(base)
+    if not project.exists():
         trivial_project(project)
-    log(f"generating {count:,} finished experiments in {project / 'storage'} (once; cached) ...")
+    log(f"generating {count:,} finished experiments in {storage} (once; kept for later runs) ...")
     start = time.time()
     bounds = [count * k // workers for k in range(workers + 1)]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "benchmarks.worker", "generate", json.dumps({"start": bounds[k], "stop": bounds[k + 1]})],
-            cwd=project, env=_worker_env({"MACHINABLE_FSYNC": "0"}),
+            cwd=project, env=_worker_env({"MACHINABLE_FSYNC": "0"}), stdout=subprocess.DEVNULL,
         )
         for k in range(workers)
     ]
@@ -196,7 +193,6 @@ def stored_project(results: Path, count: int, workers: int, log=print) -> Path:
     if any(codes):
         raise RuntimeError(f"generating the stored experiments failed (exit codes {codes})")
     run_worker("check_stored", {"count": count}, cwd=project)
-    key_file.write_text(json.dumps(key))
     log(f"generated in {time.time() - start:.0f} s")
     return project
 
