@@ -661,7 +661,7 @@ def reproduce_command(
     options = dict(check=True, rtol=rtol, atol=atol, keep=keep, compare_output=compare_output,
                    execution=execution, execution_config=pairs, echo=not as_json)
     if every:
-        reports = reproduce_all(names or None, sample=sample, **options)
+        reports = reproduce_all(names or None, sample=sample, on_report=None if as_json else (lambda r: _out(r.render())), **options)
     else:
         if sample is not None:
             raise UsageError("--sample N picks experiments for --all: add --all, or give one experiment id.")
@@ -672,18 +672,16 @@ def reproduce_command(
         import orjson
 
         _out(orjson.dumps([r.as_json() for r in reports], option=orjson.OPT_INDENT_2).decode())
+    elif not every:
+        _out(reports[0].render())
+    elif reports:
+        counts = {v: sum(r.verdict == v for r in reports) for v in ("reproduced", "mismatch", "error")}
+        _out(f"{len(reports)} experiment{'s' if len(reports) != 1 else ''}: "
+             f"{counts['reproduced']} reproduced, {counts['mismatch']} mismatch, {counts['error']} could not run.")
     else:
-        for report in reports:
-            _out(report.render())
-        if every:
-            counts = {v: sum(r.verdict == v for r in reports) for v in ("reproduced", "mismatch", "error")}
-            if reports:
-                _out(f"{len(reports)} experiment{'s' if len(reports) != 1 else ''}: "
-                     f"{counts['reproduced']} reproduced, {counts['mismatch']} mismatch, {counts['error']} could not run.")
-            else:
-                from machinable.storage import Storage
+        from machinable.storage import Storage
 
-                _out(f"No finished experiments to reproduce in {Storage.current().root}.")
+        _out(f"No finished experiments to reproduce in {Storage.current().root}.")
     if check and not all(r.ok for r in reports):
         raise typer.Exit(1)
 

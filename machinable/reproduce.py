@@ -23,7 +23,7 @@ import tempfile
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,7 +62,7 @@ class StatusRow:
     created: str
     state: str
     code: str  # "fresh" or "stale"
-    changed: list[str] = field(default_factory=list)  # closure files that differ, e.g. "helper.py (changed)"
+    changed: list[str] = field(default_factory=list)  # closure files that differ, e.g. "helper.py changed"
     finished: bool = False  # a finished record with the current code exists (for this config)
     reason: str | None = None  # scheduler reason, or the error of a failed run
     execution: str | None = None
@@ -139,7 +139,7 @@ class StatusReport:
 
 def _status_text(row: StatusRow) -> str:
     if row.verdict == "stale":
-        return f"stale ({', '.join(row.changed) or 'code changed'})"
+        return f"stale: {', '.join(row.changed) or 'code changed'}"
     return "fresh" if row.verdict == "fresh" else "no finished run"
 
 
@@ -306,16 +306,16 @@ class _CodeCache:
         recorded = self._recorded[key]
         closure = self.closure(rec["module"])
         if closure is None:
-            return [f"{rec['module'].replace('.', '/')}.py (removed)"]
+            return [f"{rec['module'].replace('.', '/')}.py removed"]
         now = {path: info.normalized for path, info in closure.files.items()}
         out = []
         for path in sorted(set(recorded) | set(now)):
             if path not in now:
-                out.append(f"{path} (removed)")
+                out.append(f"{path} removed")
             elif path not in recorded:
-                out.append(f"{path} (added)")
+                out.append(f"{path} added")
             elif recorded[path].get("normalized") != now[path]:
-                out.append(f"{path} (changed)")
+                out.append(f"{path} changed")
         return out
 
 
@@ -489,12 +489,14 @@ def reproduce(experiment: Any, *, check: bool = True, rtol: float = 0.0, atol: f
 def reproduce_all(modules: Sequence[str] | None = None, *, sample: int | None = None, check: bool = True,
                   rtol: float = 0.0, atol: float = 0.0, keep: bool = False, compare_output: bool = False,
                   execution: str | None = None, execution_config: dict[str, Any] | None = None,
-                  storage: Storage | None = None, project: Any = None, echo: bool = True) -> list[ReproductionReport]:
+                  storage: Storage | None = None, project: Any = None, echo: bool = True,
+                  on_report: Callable[[ReproductionReport], None] | None = None) -> list[ReproductionReport]:
     """Reproduce every finished experiment (of ``modules``), or a random ``sample`` of them.
 
     Experiments recorded from the same commit and diff share one worktree;
     with ``execution`` each worktree's experiments run through that execution
-    (in one separate process), otherwise each in its own process.
+    (in one separate process), otherwise each in its own process. Reports
+    come back in order and, as each is ready, to ``on_report``.
     """
     import random
 
@@ -517,7 +519,8 @@ def reproduce_all(modules: Sequence[str] | None = None, *, sample: int | None = 
     reports: list[ReproductionReport] = []
     for group in groups.values():
         reports.extend(_reproduce_group(group, storage=storage, project=project, check=check, rtol=rtol, atol=atol,
-                                        keep=keep, compare_output=compare_output, execution=spec, echo=echo))
+                                        keep=keep, compare_output=compare_output, execution=spec, echo=echo,
+                                        on_report=on_report))
     return reports
 
 
@@ -633,34 +636,50 @@ class _Checkout:
 
 def _reproduce_group(group: list[_Original], *, storage: Storage, project: Any, check: bool, rtol: float,
                      atol: float, keep: bool, compare_output: bool, execution: dict[str, Any] | None,
-                     echo: bool) -> list[ReproductionReport]:
-    """Reproduce experiments recorded from one commit + diff, sharing one worktree."""
+                     echo: bool, on_report: Callable[[ReproductionReport], None] | None = None) -> list[ReproductionReport]:
+    """Reproduce experiments recorded from one commit + diff, sharing one worktree.
+
+    Each experiment runs in its own process, or with ``execution`` the whole
+    group in one process through that execution; ``on_report`` receives each
+    report as soon as its experiment is compared.
+    """
     reports = {
         o.id: ReproductionReport(experiment_id=o.id, module=o.record["module"], commit=o.git.get("commit"),
                                  dirty=bool(o.diff.strip()), rtol=rtol, atol=atol, checked=check)
         for o in group
     }
     attempts: dict[str, _Attempt] = {}
+
+    def done(original: _Original) -> None:
+        attempt = attempts.pop(original.id, None)
+        if attempt is not None:
+            attempt.close()
+            if on_report is not None:
+                on_report(reports[original.id])
+
     try:
         for original in group:
             attempts[original.id] = _Attempt(original.directory, reports[original.id], execution)
         repo, commit = _checkout_source(project, group[0])
         with _Checkout(repo, commit, group[0].diff, group[0].project_rel, keep) as checkout:
-            if keep:
-                for report in reports.values():
-                    report.kept = checkout.root
-            _run(checkout, group, reports, execution, project.path, echo)
-            for original in group:
-                report = reports[original.id]
-                if report.reproduced_id and report.error is None:
-                    _compare(original, checkout.storage / report.reproduced_id, report, check=check, compare_output=compare_output)
-                    attempts[original.id].keep_output(checkout.storage / report.reproduced_id / "output.log")
+            batches = [group] if execution is not None else [[o] for o in group]
+            for i, batch in enumerate(batches):
+                _run(checkout, i, batch, reports, execution, project.path, echo)
+                for original in batch:
+                    report = reports[original.id]
+                    report.kept = checkout.root if keep else None
+                    if report.reproduced_id:
+                        reproduced = checkout.storage / report.reproduced_id
+                        _compare(original, reproduced, report, check=check, compare_output=compare_output)
+                        attempts[original.id].keep_output(reproduced / "output.log")
+                    done(original)
     except ReproductionError as e:
-        for report in reports.values():
-            report.error = str(e)
+        for original in group:
+            if original.id in attempts:
+                reports[original.id].error = str(e)
     finally:
-        for attempt in attempts.values():
-            attempt.close()
+        for original in group:
+            done(original)
     return [reports[o.id] for o in group]
 
 
@@ -685,39 +704,37 @@ def _checkout_source(project: Any, original: _Original) -> tuple[Path, str]:
     return head.worktree, commit
 
 
-def _run(checkout: _Checkout, group: list[_Original], reports: dict[str, ReproductionReport],
+def _run(checkout: _Checkout, index: int, batch: list[_Original], reports: dict[str, ReproductionReport],
          execution: dict[str, Any] | None, origin: Path, echo: bool) -> None:
-    """Execute in separate processes: one per experiment, or one per group through ``execution``."""
-    batches = [group] if execution is not None else [[o] for o in group]
-    for i, batch in enumerate(batches):
-        spec = {
-            "project": str(checkout.project),
-            "storage": str(checkout.storage),
-            "execution": execution,
-            "origin": str(origin),
-            "experiments": [
-                {"id": o.id, "module": o.record["module"], "config": o.record["config"], "seed": int(o.record["seed"])}
-                for o in batch
-            ],
-        }
-        prefix = f"[{batch[0].id[:SHORT]}] " if len(batch) == 1 else "[reproduce] "
-        results, rc, tail = _child(checkout.root / f"spec-{i}.json", spec, checkout.project, prefix, echo)
-        for original in batch:
-            report = reports[original.id]
-            report.output_tail = tail
-            found = results.get(original.id)
-            if found is None:
-                report.state = "failed"
-                report.comparisons.append(Comparison(
-                    "run", False, f"the reproduction process exited with code {rc} before running it: {_last_line(tail)}"))
-                continue
-            report.reproduced_id = found.get("id")
-            if not report.reproduced_id:
-                report.state = "failed"
-                report.comparisons.append(Comparison("run", False, found.get("error") or _last_line(tail)))
-                continue
-            # the scratch ledger, not the child's word: the child may have died mid-run
-            report.state = Ledger(checkout.storage / report.reproduced_id).state(check_claim=False)
+    """Execute a batch in one separate process (through ``execution`` if given)."""
+    spec = {
+        "project": str(checkout.project),
+        "storage": str(checkout.storage),
+        "execution": execution,
+        "origin": str(origin),
+        "experiments": [
+            {"id": o.id, "module": o.record["module"], "config": o.record["config"], "seed": int(o.record["seed"])}
+            for o in batch
+        ],
+    }
+    prefix = f"[{batch[0].id[:SHORT]}] " if len(batch) == 1 else "[reproduce] "
+    results, rc, tail = _child(checkout.root / f"spec-{index}.json", spec, checkout.project, prefix, echo)
+    for original in batch:
+        report = reports[original.id]
+        report.output_tail = tail
+        found = results.get(original.id)
+        if found is None:
+            report.state = "failed"
+            report.comparisons.append(Comparison(
+                "run", False, f"the reproduction process exited with code {rc} before running it: {_last_line(tail)}"))
+            continue
+        report.reproduced_id = found.get("id")
+        if not report.reproduced_id:
+            report.state = "failed"
+            report.comparisons.append(Comparison("run", False, found.get("error") or _last_line(tail)))
+            continue
+        # the scratch ledger, not the child's word: the child may have died mid-run
+        report.state = Ledger(checkout.storage / report.reproduced_id).state(check_claim=False)
 
 
 def _child(spec_path: Path, spec: dict[str, Any], cwd: Path, prefix: str, echo: bool) -> tuple[dict[str, Any], int, str]:
@@ -873,7 +890,7 @@ def _compare_records(recorded: Path, reproduced: Path, rtol: float, atol: float)
     b = read_lines(reproduced / "records.jsonl")
     if len(a) != len(b):
         return Comparison("records", False, f"recorded {len(a)} rows, reproduced {len(b)}")
-    return _verdict("records", list(_differences(a, b, rtol, atol, "records")), f"{len(a)} rows")
+    return _verdict("records", list(_differences(a, b, rtol, atol, "records")), f"{len(a)} row{'s' if len(a) != 1 else ''}")
 
 
 def _data_files(folder: Path) -> list[str]:

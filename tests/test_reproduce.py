@@ -150,19 +150,19 @@ def test_tolerances_decide_for_numbers_in_result_records_json_and_npy(project, m
 
 
 def test_a_run_from_a_dirty_tree_with_an_untracked_helper_reproduces(project):
-    write(project, "helpers.py", """
+    write(project, "gravity_helpers.py", """
         def scale(value):
             return 3 * value
     """)
     source = (project / "estimate_gravity.py").read_text()
     (project / "estimate_gravity.py").write_text(
-        "from helpers import scale\n" + source.replace("return g", "return scale(g)")
+        "from gravity_helpers import scale\n" + source.replace("return g", "return scale(g)")
     )
     experiment = get("estimate_gravity")
     experiment.launch()
     assert experiment.result == pytest.approx(3 * 1155.5555555555557)
     recorded_git = json.loads((experiment.directory / "git.json").read_text())
-    assert recorded_git["dirty"] and recorded_git["untracked_files"] == ["helpers.py"]
+    assert recorded_git["dirty"] and recorded_git["untracked_files"] == ["gravity_helpers.py"]
     status_before = git(project, "status", "--porcelain")
 
     report = experiment.reproduce()

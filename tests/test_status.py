@@ -71,7 +71,7 @@ def test_stale_after_a_helper_edit_fresh_after_a_comment_only_edit(project):
     edited = run_machinable(project, "status", "--check")
     assert edited.returncode == 1
     stale_rows = [line for line in edited.stdout.splitlines() if " train " in line]
-    assert len(stale_rows) == 2 and all(line.endswith("finished  stale (helpers.py (changed))") for line in stale_rows)
+    assert len(stale_rows) == 2 and all(line.endswith("finished  stale: helpers.py changed") for line in stale_rows)
     assert "estimate_gravity  -" in edited.stdout and "3 configs: 1 fresh, 2 stale, 0 unfinished." in edited.stdout
     # without --check it only reports
     assert run_machinable(project, "status").returncode == 0
@@ -97,11 +97,11 @@ def test_added_and_removed_files_of_the_closure_are_named(project):
     write(project, "extra.py", "FACTOR = 1\n")
     (project / "train.py").write_text((project / "train.py").read_text().replace("from helpers import scale", "from extra import FACTOR\nfrom helpers import scale"))
     [row] = [r for r in status().rows if r.module == "train"]
-    assert row.verdict == "stale" and row.changed == ["extra.py (added)", "train.py (changed)"]
+    assert row.verdict == "stale" and row.changed == ["extra.py added", "train.py changed"]
 
     (project / "train.py").unlink()
     [row] = [r for r in status().rows if r.module == "train"]
-    assert row.changed == ["train.py (removed)"]
+    assert row.changed == ["train.py removed"]
 
 
 def test_a_config_without_a_finished_run_fails_the_check(project):
