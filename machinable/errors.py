@@ -57,3 +57,8 @@ class ExecutionError(MachinableError):
 
 class WaitTimeout(MachinableError, TimeoutError):
     """``experiment.wait(timeout=...)`` gave up before the experiment ended."""
+
+
+class ReproductionError(MachinableError):
+    """A recorded experiment cannot be re-executed at its recorded code
+    (commit gone, recorded outside git, its diff does not apply)."""

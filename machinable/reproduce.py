@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from machinable.errors import MachinableError, ModuleNotFound, UsageError
+from machinable.errors import MachinableError, ModuleNotFound, ReproductionError, UsageError
 from machinable.hashing import closure_of, digest_bytes, file_digest
 from machinable.ledger import Ledger
 from machinable.storage import Storage, atomic_write, read_json, read_lines, write_json
@@ -39,10 +39,6 @@ from machinable.storage import Storage, atomic_write, read_json, read_lines, wri
 REPRODUCTIONS = "reproductions"
 SHORT = 12
 RESULT_FILES = ("result.json", "result.pickle")
-
-
-class ReproductionError(MachinableError):
-    """An experiment could not be re-executed at its recorded code."""
 
 
 # ======================================================================================
