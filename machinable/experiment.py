@@ -307,6 +307,15 @@ class Experiment(Element):
         rows = self.storage.fresh_index().with_config(self.config_hash)
         return [Experiment.restore(self.storage, r["id"]) for r in rows if self.storage.directory(r["id"]).is_dir()]
 
+    def diff(self, other: "Experiment | str") -> Any:
+        """What differs between this stored experiment and ``other`` (an experiment
+        or an id prefix), section by section: config, code, git, environment,
+        outputs; ``.verdict`` says why the ids differ. Print it, or read
+        ``.sections`` / ``.as_json()``."""
+        from machinable.diff import diff
+
+        return diff(self, other, self.storage)
+
     def reproduce(self, check: bool = True, *, rtol: float = 0.0, atol: float = 0.0, keep: bool = False,
                   compare_output: bool = False) -> Any:
         """Re-execute this finished experiment in isolation (recorded commit + diff, same
@@ -454,7 +463,7 @@ class Experiment(Element):
             (tmp / "data").mkdir(mode=DIR_MODE)
             sync_paths([*(tmp / name for name, data in contents.items() if data), tmp / "events.jsonl", tmp / "data", tmp])
             index = storage.index
-            row = storage_row(record, git_info, "created")
+            row = storage.read_row(experiment_id, directory=tmp)  # exactly what a rebuild derives
             index.upsert(row)  # before the rename: a directory never exists unindexed
             before = index.fresh_mtime()
             published = publish_dir(tmp, directory)
@@ -800,24 +809,69 @@ class Experiment(Element):
 
 
 class Records(list):  # type: ignore[type-arg]
-    """Rows written with ``record()``."""
+    """Rows written with ``record()``, one dict each, in order."""
+
+    def columns(self) -> list[str]:
+        """Every key of any row, in order of first appearance."""
+        columns: dict[str, None] = {}
+        for row in self:
+            columns.update(dict.fromkeys(row))
+        return list(columns)
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per key: count and last value, and for numbers min, max and mean."""
+        from machinable.diff import summarize
+
+        return summarize(list(self))
 
     def as_table(self) -> Any:
-        """A pandas DataFrame when pandas is installed, else a printable rich Table."""
+        """The rows as a table: a pandas DataFrame when pandas is installed, else a
+        ``RecordsTable`` that prints as aligned text (and as a rich table in rich)."""
         try:
             import pandas
-
-            return pandas.DataFrame(list(self))
         except ImportError:
-            from rich.table import Table
+            return RecordsTable(self.columns(), list(self))
+        return pandas.DataFrame(list(self), columns=self.columns() or None)
 
-            columns: list[str] = []
-            for row in self:
-                columns.extend(k for k in row if k not in columns)
-            table = Table(*columns)
-            for row in self:
-                table.add_row(*(str(row.get(c, "")) for c in columns))
-            return table
+
+class RecordsTable:
+    """Rows under their column names; ``print()`` it (or echo it in a REPL) to see it."""
+
+    def __init__(self, columns: list[str], rows: list[dict[str, Any]]) -> None:
+        self.columns = columns
+        self.rows = rows
+
+    def cells(self) -> list[list[str]]:
+        def cell(value: Any) -> str:
+            if value is None:
+                return ""
+            if isinstance(value, float):
+                return f"{value:.6g}"
+            return value if isinstance(value, str) else orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+        return [[cell(row.get(c)) for c in self.columns] for row in self.rows]
+
+    def __str__(self) -> str:
+        if not self.columns:
+            return f"(no records: {len(self.rows)} empty rows)" if self.rows else "(no records)"
+        cells = self.cells()
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(self.columns)]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(self.columns, widths)).rstrip()]
+        lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __rich__(self) -> Any:
+        from rich.table import Table
+
+        table = Table(*self.columns)
+        for row in self.cells():
+            table.add_row(*row)
+        return table
 
 
 def _importable(name: str) -> bool:
@@ -848,30 +902,9 @@ def _seal(directory: Path) -> None:
 
 
 def _set_state(storage: Storage, experiment_id: str, state: str, **times: str) -> None:
-    try:
-        storage.index.set_state(experiment_id, state, **times)
-    except Exception:  # the index is derived: the ledger already holds the truth
-        pass
-
-
-def storage_row(record: dict[str, Any], git_info: dict[str, Any], state: str) -> dict[str, Any]:
-    from machinable.config import flatten
-
-    return {
-        "id": record["id"],
-        "module": record["module"],
-        "config_hash": record["config_hash"],
-        "code_hash": record["code_hash"],
-        "seed": str(record["seed"]),
-        "state": state,
-        "created": record["timestamp"],
-        "started": None,
-        "finished": None,
-        "git_commit": git_info.get("commit"),
-        "execution": None,
-        "config": orjson.dumps(record["config"]).decode(),
-        "flat_config": flatten(record["config"]),
-    }
+    # state and times are taken from the ledger itself, so the index row is
+    # exactly what a rebuild would produce (the arguments document the intent)
+    storage.refresh_state(experiment_id)
 
 
 def _restore_for_execution(project_root: str, storage_root: str, experiment_id: str, execution: Any) -> Experiment:

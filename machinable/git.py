@@ -344,3 +344,17 @@ def commit_exists(repo_dir: Path, commit: str) -> bool:
         return True
     except Exception:
         return False
+
+
+def log_between(start: Path, since: str, until: str, limit: int = 20) -> list[str] | None:
+    """One line per commit reachable from ``until`` but not from ``since`` (newest
+    first, at most ``limit``), or None if the repository at ``start`` lacks either."""
+    head = read_head(Path(start).resolve())
+    if head is None:
+        return None
+    try:
+        repo = _repo(head.worktree)
+        text = repo.git.log("--oneline", "--no-decorate", f"--max-count={int(limit)}", f"{since}..{until}", "--")
+    except Exception:  # unknown commits, no repository, no git: nothing to show
+        return None
+    return text.splitlines()

@@ -236,6 +236,12 @@ def _schema_version(conn: sqlite3.Connection) -> int | None:
         return None
 
 
+def _is_write_failure(error: sqlite3.OperationalError) -> bool:
+    """A full disk or read-only storage (not a busy database)."""
+    text = str(error).lower()
+    return any(w in text for w in ("full", "readonly", "read-only", "unable to open", "disk i/o"))
+
+
 def is_damage(error: BaseException) -> bool:
     """A damaged index file ("not a database", "malformed"), not a busy one."""
     return type(error) is sqlite3.DatabaseError
@@ -286,6 +292,13 @@ def _keep_wal(conn: sqlite3.Connection, path: Path) -> None:
         _at_exit_registered = True
 
 
+def _inode(path: Path) -> int:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return -1
+
+
 def _unlink(path: Path) -> None:
     try:
         path.unlink()
@@ -321,9 +334,15 @@ class Index:
     @property
     def db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
-        if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            conn = self._connect()
-            self._local.conn, self._local.pid = conn, os.getpid()
+        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
+            if _inode(self.path) == self._local.inode:
+                return conn
+            # index.sqlite was deleted (or replaced) under this connection: other
+            # processes use the new file, so this one must too
+            self.close()
+            self._synced_mtime = None
+        conn = self._connect()
+        self._local.conn, self._local.pid, self._local.inode = conn, os.getpid(), _inode(self.path)
         return conn
 
     def _lock(self) -> Any:
@@ -402,8 +421,18 @@ class Index:
         try:
             result = work(db)
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
+        except BaseException as e:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite rolled back itself (a full disk, for one)
+            if isinstance(e, sqlite3.OperationalError) and _is_write_failure(e):
+                from machinable.errors import StorageError
+
+                cause = "No space left on device" if "full" in str(e).lower() else "Storage is not writable"
+                raise StorageError(
+                    f"{cause}: could not write the index {self.path} ({e}). Free space or choose a writable storage, then try again."
+                ) from e
             raise
         return result
 
@@ -831,8 +860,9 @@ class Found:
         where, params = self.query.where(by_config=index.config_is_selective(self.query.config))
         skip = self.offset if self._live else 0
         seen = 0
+        root = str(self.storage.root)
         for row in index.pages(where, params, descending=ORDERS[self.order], offset=0 if self._live else self.offset):
-            if not (self.storage.root / row["id"]).is_dir():
+            if not os.path.isdir(os.path.join(root, row["id"])):  # removed since the index was synced
                 continue
             row["state"] = live_state(self.storage.root, row)
             if self.query.state and row["state"] != self.query.state:

@@ -706,68 +706,88 @@ class Storage(Element):
             from machinable.index import Index
 
             self.ensure_writable()
-            self._index = Index(self.root)
+            self._index = Index.at(self.root)
         return self._index
 
     def fresh_index(self) -> Any:
+        """The index, synced with the directories if they changed behind its back
+        (a damaged index file is replaced and refilled)."""
+        import sqlite3
+
+        from machinable.index import is_damage
+
         index = self.index
-        index.ensure_fresh(self.read_row)
+        try:
+            index.ensure_fresh(self.read_row)
+        except sqlite3.DatabaseError as e:
+            if not is_damage(e):
+                raise
+            index.recover()
+            index.ensure_fresh(self.read_row)
         return index
 
-    def read_row(self, experiment_id: str) -> dict[str, Any] | None:
-        """The index row of one experiment, read from its directory alone."""
-        from machinable.config import flatten
-        from machinable.ledger import Ledger
+    def read_row(self, experiment_id: str, directory: Path | None = None) -> dict[str, Any] | None:
+        """The index row of one experiment, read from its directory alone
+        (``directory``: a not yet published copy of it)."""
+        from machinable.index import read_row
 
-        directory = self.directory(experiment_id)
-        try:
-            record = read_json(directory / "experiment.json")
-        except (FileNotFoundError, StorageError):
-            return None
-        ledger = Ledger(directory)
-        try:
-            git = read_json(directory / "git.json")
-        except (FileNotFoundError, StorageError):
-            git = {}
-        return {
-            "id": experiment_id,
-            "module": record.get("module", "?"),
-            "config_hash": record.get("config_hash", ""),
-            "code_hash": record.get("code_hash", ""),
-            "seed": str(record.get("seed", "")),
-            "state": ledger.state(check_claim=False),
-            "created": record.get("timestamp", ""),
-            "started": ledger.first_time("started"),
-            "finished": ledger.end_time(),
-            "git_commit": git.get("commit"),
-            "execution": (record.get("execution") or {}).get("module"),
-            "config": orjson.dumps(record.get("config", {})).decode(),
-            "flat_config": flatten(record.get("config", {})),
-        }
+        return read_row(self.root, experiment_id, directory)
 
-    def rebuild_index(self) -> int:
-        return self.index.rebuild(self.read_row)
+    def rebuild_index(self, progress: Any = None) -> int:
+        """Recreate the index from the directories alone; returns how many it holds.
+        ``progress(done, total)`` is called as directories are read."""
+        return self.index.rebuild(self.read_row, progress=progress)
+
+    def refresh_state(self, experiment_id: str) -> None:
+        """Re-derive an experiment's index row from its directory (after a ledger event).
+
+        A crash between the event and this update leaves the index one state
+        behind (never ahead): the next ``find``/``list`` (``settle()``), the
+        next launch of the experiment, or a rebuild brings it up to date.
+        """
+        import sqlite3
+
+        try:
+            self.index.refresh(experiment_id, self.read_row)
+        except (sqlite3.Error, OSError, StorageError):  # the index is derived: the ledger already holds the truth
+            pass
+
+    def settle(self) -> int:
+        """Bring every unfinished experiment's index row up to date with its
+        ledger (after crashes between a ledger event and its index update).
+        Returns how many rows were re-read."""
+        return self.fresh_index().settle(self.read_row)
 
     # --- lookups ------------------------------------------------------------------
 
     def resolve(self, prefix: str) -> str:
-        """Full id for a unique id prefix."""
+        """Full id for an id or any unique prefix of one.
+
+        Raises ``ExperimentNotFound`` for an unknown prefix, and for an
+        ambiguous one with the candidates (id, module, creation time).
+        """
         from machinable.errors import ExperimentNotFound
 
         prefix = prefix.strip().lower()
-        if not prefix or not all(c in "0123456789abcdef" for c in prefix):
-            raise ExperimentNotFound(f"Invalid experiment id {prefix!r}: ids are hexadecimal (give any unique prefix).")
+        if not prefix or len(prefix) > 32 or not all(c in "0123456789abcdef" for c in prefix):
+            raise ExperimentNotFound(f"Invalid experiment id {prefix!r}: ids are up to 32 hexadecimal digits (give any unique prefix).")
         if len(prefix) == 32 and self.directory(prefix).is_dir():
             return prefix
         if not self.root.is_dir():
-            raise ExperimentNotFound(f"No experiment with id {prefix!r}: storage {self.root} is empty.")
-        candidates = [c for c in self.fresh_index().prefix(prefix, limit=11) if self.directory(c).is_dir()]
+            raise ExperimentNotFound(f"No experiment with id {prefix!r}: storage {self.root} holds no experiments.")
+        index = self.fresh_index()
+        candidates = [c for c in index.prefix(prefix, limit=11) if self.directory(c).is_dir()]
         if not candidates:
             raise ExperimentNotFound(f"No experiment with id {prefix!r} in {self.root}. `machinable list` shows the stored ones.")
         if len(candidates) > 1:
-            shown = ", ".join(c[:12] for c in candidates[:10])
-            more = " ..." if len(candidates) > 10 else ""
-            raise ExperimentNotFound(f"Experiment id prefix {prefix!r} is ambiguous: it matches {shown}{more}. Give more characters.")
+            lines = []
+            for candidate in candidates[:10]:
+                row = index.row(candidate) or {}
+                lines.append(f"  {candidate[:12]}  {row.get('module') or '?'}  {(row.get('created') or '')[:19].replace('T', ' ')}")
+            more = "\n  ... and more" if len(candidates) > 10 else ""
+            raise ExperimentNotFound(
+                f"Experiment id prefix {prefix!r} is ambiguous; it matches:\n" + "\n".join(lines) + more + "\nGive more characters."
+            )
         return candidates[0]
 
     def load(self, experiment_id: str) -> Any:
@@ -776,30 +796,91 @@ class Storage(Element):
 
         return Experiment.restore(self, self.resolve(experiment_id))
 
-    def find(self, module: str | None = None, *, state: str | None = None, since: str | None = None,
-             limit: int | None = None, offset: int = 0, order: str = "newest", **config: Any) -> Any:
-        """Experiments matching module, state and config values, newest first, lazily.
+    def experiment_ids(self) -> list[str]:
+        """Ids of every experiment directory, from the folder itself (no index)."""
+        import re
 
-        No silent cap: without ``limit`` every match is returned (streamed).
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        pattern = re.compile(r"^[0-9a-f]{32}$")
+        return sorted(name for name in names if pattern.match(name) and (self.root / name).is_dir())
+
+    def _resolve_without_writing(self, prefix: str) -> str:
+        """``resolve``, falling back to a folder scan where the index cannot be
+        opened (read-only storage)."""
+        from machinable.errors import ExperimentNotFound
+
+        try:
+            return self.resolve(prefix)
+        except ExperimentNotFound:
+            raise
+        except StorageError:
+            matches = [i for i in self.experiment_ids() if i.startswith(prefix.strip().lower())]
+            if len(matches) == 1:
+                return matches[0]
+            if not matches:
+                raise ExperimentNotFound(f"No experiment with id {prefix!r} in {self.root}.") from None
+            raise ExperimentNotFound(
+                f"Experiment id prefix {prefix!r} is ambiguous; it matches: {', '.join(m[:12] for m in matches[:10])}. Give more characters."
+            ) from None
+
+    def verify(self, ids: list[str] | None = None, *, progress: Any = None) -> tuple[list[str], list[Problem]]:
+        """Re-check experiments (all, or ids/unique prefixes): documents parse,
+        ledgers agree with seals, sealed files match their MANIFEST, source
+        objects match their digests. Returns (checked ids, problems); reads
+        only, so it also works on read-only storage.
         """
-        from machinable.experiment import Experiment
-        from machinable.index import value_key
+        checked = [self._resolve_without_writing(i) for i in ids] if ids else self.experiment_ids()
+        problems: list[Problem] = []
+        for n, experiment_id in enumerate(checked, 1):
+            problems.extend(record_problems(self.root, experiment_id))
+            if progress is not None:
+                progress(n, len(checked))
+        return checked, problems
 
-        if not self.root.is_dir():
-            return iter(())
-        where, params = ["1"], []
-        if module:
-            where.append("module=?")
-            params.append(module)
-        if state:
-            where.append("state=?")
-            params.append(state)
-        if since:
-            where.append("created>=?")
-            params.append(since)
-        for key, value in config.items():
-            where.append("id IN (SELECT id FROM config_values WHERE key=? AND value=?)")
-            params.extend([key, value_key(value)])
-        orders = {"newest": "created DESC", "oldest": "created ASC"}
-        rows = self.fresh_index().iter_query(" AND ".join(where), tuple(params), order=orders[order], limit=limit, offset=offset)
-        return (Experiment.restore(self, row["id"]) for row in rows if self.directory(row["id"]).is_dir())
+    def gc(self, older_than: str | float = "7d", *, ids: list[str] | None = None, include_finished: bool = False,
+           dry_run: bool = False) -> Any:
+        """Remove unfinished experiments inactive for ``older_than`` (``'7d'``,
+        ``'12h'``, seconds), leftovers of interrupted writes and unreferenced
+        source objects; finished records only by explicit ``ids`` with
+        ``include_finished``. ``dry_run`` only reports. See ``machinable.gc``."""
+        from machinable.gc import collect
+
+        return collect(self, older_than=older_than, ids=ids, include_finished=include_finished, dry_run=dry_run)
+
+    def find(self, module: str | None = None, *, state: str | None = None, since: Any = None,
+             limit: int | None = None, offset: int = 0, order: str = "newest",
+             config: dict[str, Any] | None = None, **values: Any) -> Any:
+        """Stored experiments matching a module, state, creation time and config values.
+
+        ``Storage().find('estimate_gravity', time_dilation=1.5, state='finished')``
+        returns a lazy ``Found``: iterate it for experiments (newest first, or
+        ``order='oldest'``), ``.rows()`` for index rows, ``.count()``,
+        ``.first()``. There is no silent cap: without ``limit`` every match
+        is yielded, a page at a time. Config values match by flat key
+        (``**{'model.lr': 0.1}``) and loosely by type (``1`` finds ``1.0``);
+        pass ``config={...}`` for keys named like the parameters here.
+        ``since``: a datetime, date, ISO text or a duration back (``'7d'``).
+        """
+        from machinable.config import flatten
+        from machinable.errors import UsageError
+        from machinable.index import ORDERS, STATES, Found, Query, parse_since, value_keys
+
+        if state is not None and state not in STATES:
+            raise UsageError(f"Invalid state {state!r}: use one of {', '.join(STATES)}.")
+        if order not in ORDERS:
+            raise UsageError(f"Invalid order {order!r}: use one of {', '.join(ORDERS)}.")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise UsageError(f"Invalid limit {limit!r}: give a number >= 0, or None for every match.")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise UsageError(f"Invalid offset {offset!r}: give a number >= 0.")
+        wanted = flatten({**(config or {}), **values})
+        query = Query(
+            module=module or None,
+            state=state,
+            since=parse_since(since) if since is not None else None,
+            config={key: value_keys(value) for key, value in wanted.items()},
+        )
+        return Found(self, query, order=order, limit=limit, offset=offset)
