@@ -198,6 +198,7 @@ def seed_grammar(
         typer.Option("--replicate", metavar="N", min=1, help="N replicates (same config, own seeds): reuses existing ones, adds the rest.", show_default=False),
     ] = None,
     require_clean: Annotated[bool, typer.Option("--require-clean", help="Refuse to launch from a git tree with uncommitted changes.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="With a non-blocking execution (Slurm): block until the launched experiments end.")] = False,
 ) -> None:
     """Dry-run or --launch an experiment: MODULE [KEY=VALUE]... [EXECUTION [KEY=VALUE]...].
 
@@ -230,7 +231,7 @@ def seed_grammar(
         if not launch:
             _dry_run(experiment, experiments, execution, require_clean, replicate, seed)
             return
-        _launch(experiments, execution, require_clean)
+        _launch(experiments, execution, require_clean, wait)
 
 
 def _element_class(name: str) -> type:
@@ -441,7 +442,7 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def _launch(experiments: list[Any], execution: Any, require_clean: bool) -> None:
+def _launch(experiments: list[Any], execution: Any, require_clean: bool, wait: bool = False) -> None:
     todo = [e for e in experiments if not e.is_finished()]
     finished = [e for e in experiments if e not in todo]
     if len(finished) == 1:
@@ -469,6 +470,26 @@ def _launch(experiments: list[Any], execution: Any, require_clean: bool) -> None
             _note(f"{todo[0].module} {experiment_id[:12]}: finished (machinable show {experiment_id[:12]})")
         for experiment_id in report.submitted:
             _note(f"{todo[0].module} {experiment_id[:12]}: submitted (machinable status shows its progress)")
+    if wait and report is not None and report.submitted:
+        _wait_for([e for e in todo if e.experiment_id in report.submitted])
+
+
+def _wait_for(experiments: list[Any]) -> None:
+    """``--wait``: block until submitted experiments end; one experiment's output is shown."""
+    from machinable.errors import ExecutionError
+
+    _note(f"Waiting for {len(experiments)} submitted experiment{'s' if len(experiments) != 1 else ''} (Ctrl-C stops waiting, not the jobs) ...")
+    unfinished = []
+    for experiment in experiments:
+        experiment.wait()
+        if len(experiments) == 1:
+            print(experiment.output(), end="", flush=True)
+        if experiment.state != "finished":
+            reason = (experiment.ledger.last() or {})
+            unfinished.append(f"{experiment.short_id}: {experiment.state} ({reason.get('error') or reason.get('reason') or 'see machinable show'})")
+    if unfinished:
+        raise ExecutionError(f"{len(unfinished)} of {len(experiments)} did not finish: " + "; ".join(unfinished))
+    _note(f"{len(experiments)} finished.")
 
 
 class _Progress:

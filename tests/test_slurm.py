@@ -8,6 +8,7 @@ MACHINABLE_REQUIRE_SLURM=1 (CI) they fail instead (see conftest.py).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -207,7 +208,7 @@ def test_scancel_of_a_running_job_shows_cancelled_and_relaunch_resubmits(cluster
     with slurm(partition):
         experiment.launch()
     (job_id,) = submitted(experiment)
-    until(lambda: experiment.state == "running", "the job to start the experiment")
+    until(lambda: "x=4" in experiment.output(), "the job to run the experiment")
     subprocess.run(["scancel", job_id], check=True)
     experiment.wait(timeout=60)
     assert experiment.state == "interrupted"
@@ -320,3 +321,59 @@ def test_config_is_checked_at_get_time(project):
         get("machinable.execution.slurm", {"partition": "debug\nrm -rf /"})
     with pytest.raises(ConfigError, match="Invalid sbatch option"):
         get("machinable.execution.slurm", {"sbatch": {"a b": 1}})
+
+
+# --- docs/slurm.md, executed against the cluster ------------------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "slurm.md"
+FENCE = re.compile(r"^```(\w+)(?: title=\"([^\"]*)\")?\n(.*?)^```\n", re.S | re.M)
+MARK = "@@@ command "
+
+
+def normalize(text: str) -> str:
+    """Ids and job numbers as placeholders; table columns aligned by any run of spaces."""
+    text = re.sub(r"\b[0-9a-f]{12}\b", "<id>", text)
+    text = re.sub(r"\b\d+_(\d+)\b", r"<job>_\1", text)
+    text = re.sub(r"\b(job(?: array)?) \d+\b", r"\1 <job>", text)
+    return re.sub(r" {2,}", " ", text)
+
+
+def shell_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MACHINABLE_STORAGE"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the `machinable` of this Python
+    return env
+
+
+def run_console(cwd: Path, body: str) -> None:
+    steps: list[tuple[str, list[str]]] = []
+    for line in body.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    script = "".join(f"echo '{MARK}{i}'\n{command}\n" for i, (command, _) in enumerate(steps))
+    result = subprocess.run(["bash", "-c", script], cwd=cwd, env=shell_env(), capture_output=True, text=True, timeout=300)
+    outputs = re.split(rf"^{MARK}\d+\n", result.stdout, flags=re.M)[1:]
+    assert len(outputs) == len(steps), result.stdout + result.stderr
+    for (command, expected), actual in zip(steps, outputs):
+        want = "".join(f"{line}\n" for line in expected)
+        assert normalize(actual) == normalize(want), f"$ {command}\n--- got:\n{actual}--- stderr:\n{result.stderr}"
+
+
+def test_the_docs_page_runs_on_the_cluster_as_shown(project, partition):
+    assert partition == "debug", "docs/slurm.md uses the partition 'debug' (the test cluster's)"
+    found = [(m.group(1), m.group(2) or "", m.group(3)) for m in FENCE.finditer(DOC.read_text())]
+    scripts = consoles = 0
+    pending: str | None = None
+    for language, title, body in found:
+        if language == "python":
+            pending = body
+        elif language == "text" and pending is not None:
+            result = subprocess.run([sys.executable, "-c", pending], cwd=project, env=shell_env(), capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stderr
+            assert normalize(result.stdout) == normalize(body), f"{pending}\n--- got:\n{result.stdout}--- stderr:\n{result.stderr}"
+            pending, scripts = None, scripts + 1
+        elif language == "console":
+            run_console(project, body)
+            consoles += 1
+    assert (scripts, consoles) == (3, 3)

@@ -27,6 +27,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -128,9 +129,12 @@ class Slurm(Execution):
                 lock.__exit__(None, None, None)
         for experiment_id, status in queued.items():
             report.submitted.append(experiment_id)
-            self.jobs[experiment_id] = status["job_id"]
+            if status["job_id"]:
+                self.jobs[experiment_id] = status["job_id"]
             if status["state"] == "unknown":
                 print(f"{experiment_id[:12]}: could not ask Slurm about its job {status['job_id']} ({status['reason']}); not submitted again.")
+            elif status["job_id"] is None:
+                print(f"{experiment_id[:12]} is running {status['reason']} (not on Slurm): not submitted.")
             else:
                 print(f"{experiment_id[:12]} is {status['state']} as Slurm job {status['job_id']}: not submitted again.")
         self.last_report = report
@@ -139,8 +143,17 @@ class Slurm(Execution):
         return report
 
     def _in_flight(self, experiments: list[Any]) -> dict[str, dict[str, Any]]:
+        """Experiments queued or running (on Slurm, or elsewhere): not to be submitted."""
         stored = [e for e in experiments if e.is_committed() and not e.is_finished()]
-        return {i: s for i, s in self.reconcile(stored).items() if s["state"] in IN_FLIGHT}
+        queued = {i: s for i, s in self.reconcile(stored).items() if s["state"] in IN_FLIGHT}
+        for experiment in stored:
+            if experiment.experiment_id not in queued and experiment.state == "running":
+                started = _last(experiment.events(), "started") or {}
+                queued[experiment.experiment_id] = {
+                    "state": "running", "reason": f"on {started.get('host')}", "log": None,
+                    "job_id": (started.get("execution") or {}).get("job_id"),
+                }
+        return queued
 
     def on_dispatch(self) -> None:
         groups: dict[tuple[str, str], list[Any]] = {}
@@ -372,7 +385,9 @@ def _reason(job_id: str, state: str, slurm_state: str, detail: str) -> str:
         "node_fail": "lost its node",
     }
     text = f"Slurm job {job_id} {words[state]} ({slurm_state}"
-    return text + (f", {detail})" if detail and detail != "None" else ")")
+    if state == "cancelled" or not detail or detail == "None":  # a cancelled job keeps its pending reason
+        return text + ")"
+    return text + f", {detail})"
 
 
 def _tail(log: str | None) -> str:
@@ -387,15 +402,27 @@ def _tail(log: str | None) -> str:
         return ""
 
 
-def _record_submission(experiment: Any, job_id: str, log: Path, script: Path) -> None:
-    """Append the ``submitted`` event, unless the job already started (it records itself)."""
+def _record_submission(experiment: Any, job_id: str, log: Path, script: Path, patience: float = 30.0) -> None:
+    """Append the ``submitted`` event under the claim, unless the job already started.
+
+    The claim may be held for a moment by the previous run of the experiment
+    (releasing it after recording its failure) or by the new job itself,
+    which then names itself in its ``started`` event.
+    """
     from machinable.storage import Claim, is_sealed
 
     claim = Claim(experiment.directory)
-    if is_sealed(experiment.directory) or not claim.try_acquire():
-        return  # the job is running (or done) already: its started event names the job
+    deadline = time.monotonic() + patience
+    while not claim.try_acquire():
+        started = _last(experiment.ledger.events(), "started") or {}
+        if (started.get("execution") or {}).get("job_id") == job_id or is_sealed(experiment.directory):
+            return
+        if time.monotonic() > deadline:
+            return  # held by a long run elsewhere: the job waits for it, and its started event names it
+        time.sleep(0.05)
     try:
-        experiment.ledger.append("submitted", job_id=job_id, log=str(log), script=str(script))
+        if not is_sealed(experiment.directory):
+            experiment.ledger.append("submitted", job_id=job_id, log=str(log), script=str(script))
     finally:
         claim.release()
 
@@ -430,12 +457,14 @@ def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
 def query_jobs(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     """``{job_id: (slurm state, reason)}`` for the jobs Slurm knows (``123`` or ``123_4``).
 
-    ``squeue`` first: it knows live jobs at once (``sacct`` lags on job start);
-    then ``sacct`` for jobs that already left the queue.
+    ``squeue`` first: it knows live jobs at once (``sacct`` lags on job start).
+    Then ``sacct`` for jobs that left the queue, and for COMPLETING ones:
+    ``squeue`` shows a cancelled job as COMPLETING while its processes wind
+    down, ``sacct`` already as CANCELLED.
     """
     if not job_ids:
         return {}
-    found: dict[str, tuple[str, str]] = {}
+    live: dict[str, tuple[str, str]] = {}
     bases = sorted({j.split("_")[0] for j in job_ids}, key=int)
     result = _run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(bases), "-o", "%i|%T|%r"])
     if result.returncode != 0 and "Invalid job id" not in result.stderr:
@@ -443,16 +472,24 @@ def query_jobs(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     for line in result.stdout.splitlines():
         parts = line.strip().split("|")
         if len(parts) == 3:
-            found[parts[0]] = (parts[1], parts[2])
-    missing = [j for j in job_ids if j not in found]
-    if missing and shutil.which("sacct"):
-        result = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(missing), "-o", "JobID,State,Reason"])
+            live[parts[0]] = (parts[1], parts[2])
+    ended: dict[str, tuple[str, str]] = {}
+    ask = [j for j in job_ids if j not in live or live[j][0] == "COMPLETING"]
+    if ask and shutil.which("sacct"):
+        result = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(ask), "-o", "JobID,State,Reason"])
         if result.returncode == 0:  # else accounting is off: ended jobs are simply gone
             for line in result.stdout.splitlines():
                 parts = line.strip().split("|")
-                if len(parts) == 3 and parts[0] in missing:
-                    found[parts[0]] = (parts[1], parts[2])
-    return {j: found[j] for j in job_ids if j in found}
+                if len(parts) == 3 and parts[0] in ask:
+                    ended[parts[0]] = (parts[1], parts[2])  # the last row wins: job ids can be reused
+    found = {}
+    for job_id in job_ids:
+        end = ended.get(job_id)
+        if end is not None and (job_id not in live or SLURM_STATES.get(end[0].split()[0]) not in IN_FLIGHT):
+            found[job_id] = end
+        elif job_id in live:
+            found[job_id] = live[job_id]
+    return found
 
 
 def _sbatch_path(folder: Path) -> str:

@@ -64,8 +64,22 @@ def main(argv: list[str] | None = None) -> int:
             info["log"] = log
         experiment._execution_info = info
         print(f"machinable: Slurm job {me} on {info['node']} runs experiment {experiment.short_id} ({experiment.module})", flush=True)
-        state = experiment()
+        try:
+            state = experiment()
+        except TerminatedBySlurm:
+            _record_cause(experiment)
+            raise
     return 0 if state == "finished" else 1
+
+
+def _record_cause(experiment: Any) -> None:
+    """After SIGTERM: record whether Slurm cancelled the job or it ran out of time."""
+    from machinable.executions.slurm import Slurm
+
+    try:
+        Slurm.reconcile([experiment])
+    except Exception:  # the interruption itself is recorded; a later reconcile adds the cause
+        pass
 
 
 if __name__ == "__main__":
