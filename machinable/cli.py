@@ -631,7 +631,7 @@ def status_command(
 
     from machinable.reproduce import status
 
-    while True:
+    def show() -> Any:
         report = status(modules or None, every=every)
         if as_json:
             import orjson
@@ -641,14 +641,18 @@ def status_command(
             if watch and sys.stdout.isatty():
                 print("\033[2J\033[H", end="")
             _out(report.render())
-        if not watch:
-            break
-        try:
+        return report
+
+    if not watch:
+        if not show().ok and check:
+            raise typer.Exit(1)
+        return
+    try:
+        while True:
+            show()
             time.sleep(interval)
-        except KeyboardInterrupt:
-            return
-    if check and not report.ok:
-        raise typer.Exit(1)
+    except KeyboardInterrupt:  # how --watch ends
+        return
 
 
 @app.command("reproduce", short_help="Re-execute recorded experiments in isolation and compare their outputs.")

@@ -314,3 +314,31 @@ def test_environment_differences_are_listed():
         "scipy 1.11.0 -> absent",
         "torch absent -> 2.3.0",
     ]
+
+
+def test_a_project_in_a_subfolder_of_the_repository(tmp_path, monkeypatch):
+    import shutil
+
+    from machinable.project import Project
+
+    from conftest import TEMPLATE
+
+    repo = tmp_path / "repo"
+    shutil.copytree(TEMPLATE, repo / "physics")
+    write(repo, "README.md", "experiments live in physics/\n")
+    git(repo, "init", "-q", "-b", "main")
+    commit_all(repo, "initial")
+    monkeypatch.chdir(repo / "physics")
+    with Project(repo / "physics"):
+        experiment = get("estimate_gravity", {"time_dilation": 3.0})
+        experiment.launch()
+        report = experiment.reproduce(compare_output=True)
+    assert report.ok, report.render()
+    assert len(worktrees(repo)) == 1
+
+
+def test_a_project_outside_git_cannot_be_reproduced_and_says_why(plain_project):
+    experiment = get("estimate_gravity")
+    experiment.launch()
+    with pytest.raises(ReproductionError, match="recorded outside a git repository"):
+        experiment.reproduce()

@@ -175,3 +175,27 @@ def test_empty_storage_has_nothing_to_check(project):
     result = run_machinable(project, "status", "--check")
     assert result.returncode == 0
     assert result.stdout.startswith("No experiments recorded in ") and "nothing to check" in result.stdout
+
+
+def test_watch_refreshes_until_interrupted(project):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    get("estimate_gravity").launch()
+    proc = subprocess.Popen([sys.executable, "-m", "machinable.cli", "status", "--watch", "--interval", "0.2"],
+                            cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        summaries = 0
+        for line in proc.stdout:
+            summaries += line.startswith("1 config: 1 fresh")
+            if summaries == 2:  # refreshed at least once
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert summaries == 2
