@@ -26,7 +26,9 @@ class Sizes:
     repeat: int = 200  # in-process repetitions
     command_repeat: int = 20  # whole-command repetitions
     rounds: int = 5  # multiprocess rounds
-    generators: int = 2  # processes generating the stored experiments
+    # one generating process: a second creating experiments at the same time makes
+    # every get() re-sync the index with the folder (see the README)
+    generators: int = 1
 
     @classmethod
     def quick(cls) -> "Sizes":
@@ -43,8 +45,11 @@ class Context:
 
 
 def _machinable_argv() -> list[str]:
-    exe = shutil.which("machinable")
-    return [exe] if exe else [sys.executable, "-m", "machinable.cli"]
+    # the script beside this interpreter: a version manager's shim on PATH (pyenv's
+    # is a bash script that runs `pyenv exec`) would add its own start-up to ours
+    beside = Path(sys.executable).parent / "machinable"
+    exe = str(beside) if beside.is_file() else shutil.which("machinable")
+    return [exe] if exe else [sys.executable, "-m", "machinable"]
 
 
 # --- CLI start ------------------------------------------------------------------------------
