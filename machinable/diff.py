@@ -342,6 +342,7 @@ class Snapshot:
             "data": self.data_files,
             "result": self.result,
             "output_tail": self.output_tail(),
+            "reproductions": _reproductions_json(self.directory),
             "problems": dict(self.problems),
         }
 
@@ -376,6 +377,7 @@ class Snapshot:
         lines += self._render_environment()
         lines += self._render_events()
         lines += self._render_outputs()
+        lines += self._render_reproductions()
         return "\n".join(lines)
 
     def _section(self, title: str, key: str | None = None) -> list[str]:
@@ -463,6 +465,16 @@ class Snapshot:
             out.append("  traceback of the last failure:")
             out += ["    " + line for line in str(failed[-1]["traceback"]).rstrip().splitlines()]
         return out
+
+    def _render_reproductions(self) -> list[str]:
+        from machinable.reproduce import describe_attempt, read_reproductions
+
+        attempts = read_reproductions(self.directory)
+        if not attempts:
+            return []
+        return ["reproductions (machinable reproduce)"] + [
+            f"  {_when(attempt.get('time'))}  {describe_attempt(attempt)}" for attempt in attempts
+        ]
 
     def _render_outputs(self) -> list[str]:
         rows, damaged, torn = self._records
@@ -895,6 +907,14 @@ def _patch_files(patch: bytes) -> list[str]:
 def _aligned(pairs: list[tuple[str, str]]) -> list[str]:
     width = max(len(k) for k, _ in pairs)
     return [f"  {k.ljust(width)}  {v}" for k, v in pairs]
+
+
+def _reproductions_json(directory: Path) -> list[dict[str, Any]]:
+    from machinable.reproduce import describe_attempt, read_reproductions
+
+    keys = ("time", "verdict", "ok", "rtol", "atol", "error", "directory")
+    return [{**{k: v for k, v in attempt.items() if k in keys}, "summary": describe_attempt(attempt)}
+            for attempt in read_reproductions(directory)]
 
 
 def _when(iso: Any) -> str:

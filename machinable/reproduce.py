@@ -524,16 +524,37 @@ def reproductions(experiment: Any, storage: Storage | None = None) -> list[dict[
     """The recorded reproduction attempts of an experiment (verdict.json documents), oldest first."""
     storage = storage or getattr(experiment, "storage", None) or Storage.current()
     experiment_id = experiment if isinstance(experiment, str) else experiment.experiment_id
-    folder = storage.directory(storage.resolve(experiment_id)) / REPRODUCTIONS
+    return read_reproductions(storage.directory(storage.resolve(experiment_id)))
+
+
+def read_reproductions(directory: Path) -> list[dict[str, Any]]:
+    """The attempts recorded in ``<directory>/reproductions/``, oldest first (for ``show``)."""
+    folder = directory / REPRODUCTIONS
     out = []
     for attempt in sorted(folder.iterdir()) if folder.is_dir() else []:
         try:
             verdict = read_json(attempt / "verdict.json")
         except (FileNotFoundError, NotADirectoryError, MachinableError):
             events = read_lines(attempt / "events.jsonl")
-            verdict = {"verdict": "incomplete", "ok": False, "started": events[0].get("time") if events else None}
+            verdict = {"verdict": "incomplete", "ok": False, "time": events[0].get("time") if events else None}
         out.append({**verdict, "directory": str(attempt)})
     return out
+
+
+def describe_attempt(verdict: dict[str, Any]) -> str:
+    """One line for a recorded attempt: ``reproduced: 4 of 4 match`` or what went wrong."""
+    comparisons = [c for c in verdict.get("comparisons") or [] if isinstance(c, dict)]
+    matched = sum(1 for c in comparisons if c.get("match"))
+    tolerance = f" (rtol={verdict.get('rtol'):g}, atol={verdict.get('atol'):g})" if verdict.get("rtol") or verdict.get("atol") else ""
+    kind = verdict.get("verdict")
+    if kind == "error":
+        return f"could not run: {_shorten(verdict.get('error'), 120)}"
+    if kind == "incomplete":
+        return "incomplete (the attempt stopped before its verdict)"
+    first = next((c for c in comparisons if not c.get("match")), None)
+    if first is not None:
+        return f"{kind}: {matched} of {len(comparisons)} match{tolerance}; {first.get('item')}: {_shorten(first.get('detail'), 100)}"
+    return f"{kind}: {matched} of {len(comparisons)} match{tolerance}"
 
 
 def _context(experiment: Any, storage: Storage | None, project: Any) -> tuple[Storage, Any]:

@@ -86,6 +86,11 @@ def test_a_deterministic_experiment_reproduces_and_the_original_is_untouched(pro
     assert folder.parent == experiment.directory / "reproductions"
     assert [e["event"] for e in map(json.loads, (folder / "events.jsonl").read_text().splitlines())] == ["started", "finished"]
     assert "The gravity on the exoplanet is:" in (folder / "output.log").read_text()
+    shown = run_machinable(project, "show", experiment.short_id)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[-2] == "reproductions (machinable reproduce)"
+    assert shown.stdout.splitlines()[-1].endswith("  reproduced: 5 of 5 match")
+    assert json.loads(run_machinable(project, "show", experiment.short_id, "--json").stdout)["reproductions"][0]["ok"] is True
 
 
 def test_code_reading_a_changing_file_fails_the_check_showing_the_differing_record(project, tmp_path):
@@ -118,6 +123,8 @@ def test_code_reading_a_changing_file_fails_the_check_showing_the_differing_reco
     # without --check the same table, but the command itself succeeds
     assert run_machinable(project, "reproduce", experiment.short_id).returncode == 0
     assert [a["verdict"] for a in reproductions(experiment)] == ["mismatch", "mismatch"]
+    shown = run_machinable(project, "show", experiment.short_id).stdout
+    assert shown.splitlines()[-1].endswith("mismatch: 3 of 4 match; records: records[1].value: recorded 2.0, reproduced 5.0")
 
 
 def test_tolerances_decide_for_numbers_in_result_records_json_and_npy(project, monkeypatch):
@@ -247,6 +254,8 @@ def test_a_commit_that_is_gone_is_named_clearly(project):
     with pytest.raises(ReproductionError, match="not in the repository"):
         experiment.reproduce()
     assert [a["verdict"] for a in reproductions(experiment)] == ["error", "error"]
+    assert f"could not run: Experiment {experiment.short_id} (estimate_gravity) was recorded at commit" in run_machinable(
+        project, "show", experiment.short_id).stdout
     assert len(worktrees(project)) == 1
 
 
