@@ -122,6 +122,7 @@ class Project:
                 if key == name or key.startswith(name + ".") or (file and str(Path(file).resolve()) in stale):
                     del sys.modules[key]
             _evict_foreign_parents(name, self.path)
+        self._evict_foreign_closure(sources)
         _drop_stale_bytecode(sources)
         importlib.invalidate_caches()
         try:
@@ -134,6 +135,28 @@ class Project:
             ) from e
         module.__machinable_sources__ = sources  # type: ignore[attr-defined]
         return module
+
+    def _evict_foreign_closure(self, sources: dict[str, str]) -> None:
+        """Drop loaded modules that carry the name of a module of this closure but
+        are another file (another project's ``helpers``, say), so that the
+        closure imports its own."""
+        expected: dict[str, str] = {}
+        for source in sources:
+            parts = list(Path(source).relative_to(self.path).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            for i in range(1, len(parts)):
+                expected.setdefault(".".join(parts[:i]), "")  # a parent package: any file of this project
+            expected[".".join(parts)] = source
+        for key, wanted in expected.items():
+            module = sys.modules.get(key)
+            if module is None:
+                continue
+            file = getattr(module, "__file__", None)
+            resolved = Path(file).resolve() if file else None
+            if wanted and resolved != Path(wanted).resolve() or not wanted and (resolved is None or not resolved.is_relative_to(self.path)):
+                for other in [k for k in sys.modules if k == key or k.startswith(key + ".")]:
+                    del sys.modules[other]
 
     def _closure_sources(self, path: Path) -> dict[str, str]:
         """Absolute path -> byte digest of the module and its project-local imports."""
