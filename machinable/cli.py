@@ -712,6 +712,65 @@ def reproduce_command(
         raise typer.Exit(1)
 
 
+@app.command("verify", short_help="Re-check stored records: MANIFEST digests, ledgers, source objects.")
+def verify_command(
+    ids: Annotated[Optional[list[str]], typer.Argument(metavar="[ID]...", help="Experiment ids or unique prefixes (default: every experiment).", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the problems as JSON.")] = False,
+) -> None:
+    """Re-hash finished records against their MANIFEST and their source objects
+    against their digests; check that every stored document parses and every
+    ledger agrees with its seal. Lists each problem with its file; exits 1 if
+    there is any. Only reads, so it also works on read-only storage.
+    """
+    from machinable.storage import Storage
+
+    storage = Storage.current()
+    checked, problems = storage.verify(ids or None)
+    if as_json:
+        import orjson
+
+        _out(orjson.dumps({"storage": str(storage.root), "checked": len(checked), "problems": [p.as_json() for p in problems]},
+                          option=orjson.OPT_INDENT_2).decode())
+    else:
+        for problem in problems:
+            _out(str(problem))
+        damaged = sorted({p.experiment_id for p in problems})
+        noun = "experiment" if len(checked) == 1 else "experiments"
+        if problems:
+            _out(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {len(damaged)} of {len(checked)} {noun} "
+                 f"({storage.root}). A damaged record cannot be repaired: launch its config anew with another seed, "
+                 "and `machinable gc --include-finished ID` removes the damaged one.")
+        else:
+            _out(f"{len(checked)} {noun} intact ({storage.root}).")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command("gc", short_help="Remove old unfinished experiments, interrupted writes and unreferenced source objects.")
+def gc_command(
+    ids: Annotated[Optional[list[str]], typer.Argument(metavar="[ID]...", help="Only these experiments (ids or unique prefixes), whatever their age.", show_default=False)] = None,
+    older_than: Annotated[str, typer.Option("--older-than", metavar="AGE", help="Unfinished experiments inactive for longer than AGE (30m, 12h, 7d, 2w; 0 for any).")] = "7d",
+    include_finished: Annotated[bool, typer.Option("--include-finished", help="Also remove the finished records among the given ids.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Only list what would be removed.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Remove unfinished experiments (created, dispatched, failed, interrupted)
+    inactive for longer than --older-than, leftovers of interrupted writes, and
+    source objects no experiment refers to. Running experiments are never
+    removed; a finished record only with --include-finished and its explicit
+    id. Run with --dry-run first to see the list.
+    """
+    from machinable.storage import Storage
+
+    report = Storage.current().gc(older_than, ids=ids or None, include_finished=include_finished, dry_run=dry_run)
+    if as_json:
+        import orjson
+
+        _out(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        _out(report.render())
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 _GLOBAL_VALUE_OPTIONS = ("--storage",)

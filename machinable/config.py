@@ -384,6 +384,75 @@ def to_json(value: Any) -> Any:
     return repr(value)
 
 
+def check_storable(cls: type, config: Any, *, where: str = "") -> None:
+    """Refuse a config that would not come back the same from its stored JSON.
+
+    Records store ``to_json(config)``, and resumes in other processes, pool
+    workers, cluster jobs and reproductions rebuild the config from it. In a
+    field without a precise type, JSON cannot carry NaN, infinity, integers
+    beyond 64 bits, bytes, sets or non-string keys (they would come back as
+    strings or lists), nor strings with lone surrogates: such a config is
+    refused before anything is stored, naming the key.
+    """
+    if _plain_json(config):
+        return  # stored exactly as it is: nothing can change on the way back
+    import orjson
+
+    of = f" of {where}" if where else ""
+    for f in dataclasses.fields(config):
+        try:
+            orjson.dumps(to_json(getattr(config, f.name)))
+        except TypeError as e:
+            raise ConfigError(f"Config value of key {f.name!r}{of} cannot be stored as JSON: {e}.") from None
+    try:
+        again = make_config(cls, to_json(config), where=where)
+        if canonical(again) == canonical(config):
+            return
+    except ConfigError:
+        again = None
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        back = getattr(again, f.name, None) if again is not None else None
+        try:
+            same = again is not None and tag(back) == tag(value)
+        except ConfigError:
+            same = False
+        if not same:
+            raise ConfigError(
+                f"Config value {value!r} of key {f.name!r}{of} would not come back the same from storage "
+                f"(stored as {to_json(value)!r}): JSON has no NaN or infinity, no integers beyond 64 bits, no bytes "
+                "or sets, and only string keys. Annotate the key with its type (for example float or int), "
+                "or use a JSON value."
+            )
+
+
+def _plain_json(value: Any) -> bool:
+    """True for values JSON stores and returns unchanged (a fast path)."""
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, str):
+        return value.isascii() or _utf8(value)
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**64
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_plain_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_json(k) and _plain_json(v) for k, v in value.items())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return all(_plain_json(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return False
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def defaults_of(cls: type) -> dict[str, Any]:
     return {name: default for name, (_, default) in fields_of(cls).items() if default is not dataclasses.MISSING}
 

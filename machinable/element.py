@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, TypeVar
 
-from machinable.config import config_class, make_config, to_json
+from machinable.config import check_storable, config_class, make_config, to_json
 
 T = TypeVar("T", bound="Element")
 
@@ -25,7 +25,9 @@ class Element:
 
         self.project = project or Project.get()
         self.module = module or type(self).__module__
-        self._config = make_config(config_class(type(self)), config, where=self.module)
+        cls = config_class(type(self))
+        self._config = make_config(cls, config, where=self.module)
+        check_storable(cls, self._config, where=self.module)
 
     @property
     def config(self) -> Any:

@@ -29,13 +29,16 @@ from machinable.ledger import Ledger
 from machinable.storage import (
     DIR_MODE,
     FILE_MODE,
+    OBJECTS_LOCK,
     Claim,
     Storage,
     atomic_write,
     begin_seal,
     complete_seal,
+    document_problem,
     is_sealed,
     json_bytes,
+    ledger_problems,
     make_dirs,
     make_temp_dir,
     publish_dir,
@@ -413,14 +416,16 @@ class Experiment(Element):
         storage.ensure_writable()
         closure = self.closure
         if not getattr(self, "_adopt_existing", False):
-            self._write_record(closure)
+            with storage.lock(OBJECTS_LOCK, shared=True):  # gc sweeps objects only between commits
+                self._write_record(closure)
             return self
         with storage.lock(f"create-{hex_of(self.config_hash)}"):
             found = storage.fresh_index().newest(self.config_hash, closure.code_hash)
             if found is not None and (storage.directory(found) / "experiment.json").exists():
                 self._load_record(found)
             else:
-                self._write_record(closure)
+                with storage.lock(OBJECTS_LOCK, shared=True):
+                    self._write_record(closure)
         return self
 
     def _write_record(self, closure: Closure) -> None:
@@ -745,7 +750,9 @@ class Experiment(Element):
         return path
 
     def _data_path(self, name: str) -> Path:
-        base = (self.directory / "data").resolve()
+        # resolved against the experiment folder itself, so that neither ``..``,
+        # an absolute name, nor a symlink (data/ itself included) leads outside it
+        base = self.directory.resolve() / "data"
         path = (base / name).resolve()
         if not name or path == base or not path.is_relative_to(base):
             raise ConfigError(f"Invalid data file name {name!r}: it must stay inside the experiment's data/ folder.")
@@ -778,7 +785,12 @@ class Experiment(Element):
         return path
 
     def load_data(self, name: str, default: Any = None) -> Any:
-        """Load data/<name> by extension. Pickle files are trusted input: load only your own."""
+        """Load data/<name> by extension (.json, .npy, .p/.pkl/.pickle, else text).
+
+        Pickle files are trusted input: unpickling runs code the file names, so
+        load pickles only from records you (or someone you trust) wrote. Names
+        that lead outside this experiment's data/ folder are refused.
+        """
         path = self._data_path(name)
         if not path.exists():
             return default
@@ -967,11 +979,32 @@ def _newest(element: Experiment) -> Experiment | None:
         return None
     index = storage.fresh_index()
     found = index.newest(element.config_hash, element.code_hash)
-    if found is None or not storage.directory(found).is_dir():
+    if found is not None and not storage.directory(found).is_dir():
+        # a row whose folder never appeared (a crash mid-create): look past it
+        found = next((row["id"] for row in index.with_config(element.config_hash)
+                      if row["code_hash"] == element.code_hash and storage.directory(row["id"]).is_dir()), None)
+    if found is None:
         return None
-    restored = Experiment.restore(storage, found, element_class=type(element), project=element.project)
+    try:
+        restored = Experiment.restore(storage, found, element_class=type(element), project=element.project)
+    except (StorageError, KeyError, TypeError, ValueError) as e:
+        problem = document_problem(storage.directory(found) / "experiment.json")
+        raise _damaged(element, found, f"{found}/experiment.json: {problem}" if problem else str(e)) from None
+    problems = ledger_problems(storage.directory(found))
+    if problems:
+        raise _damaged(element, found, f"{found}/{problems[0]}")
     restored._closure = element._closure
     return restored
+
+
+def _damaged(element: Experiment, experiment_id: str, problem: str) -> StorageFormatError:
+    config = element.config_json()
+    return StorageFormatError(
+        f"The stored experiment {experiment_id[:SHORT]} for {element.module} with this config is damaged: {problem}. "
+        f"`machinable verify {experiment_id[:SHORT]}` lists every problem. To start over with this config, create a new "
+        f"experiment: get.new({element.module!r}, {config!r}) (command line: add --seed N with a new seed); "
+        f"`machinable gc --include-finished {experiment_id[:SHORT]}` removes the damaged record."
+    )
 
 
 get = _Get()

@@ -401,12 +401,20 @@ class _DiskCache:
             if st is not None:
                 files[name] = [st, info.normalized, info.raw, info.imports]
         data = orjson.dumps({"format": 1, "scheme": _scheme(), "files": files, "closures": closures})
+        tmp = cache_dir / f".{self.NAME}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            cache_dir.mkdir(exist_ok=True)
-            tmp = cache_dir / f".{self.NAME}.{uuid.uuid4().hex[:8]}.tmp"
-            tmp.write_bytes(data)
+            cache_dir.mkdir(mode=0o775, exist_ok=True)  # never world-writable (storage.DIR_MODE)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o664)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
             os.replace(tmp, cache_dir / self.NAME)
         except OSError:
+            try:
+                tmp.unlink()  # a full disk must not leave half a cache behind
+            except OSError:
+                pass
             return  # a read-only or full storage: the cache only saves time
         self._loaded = None  # re-read (and re-check) on next use
 

@@ -61,7 +61,7 @@ class Project:
             raise ModuleNotFound(f"Invalid module name {name!r}: give a dotted module name such as 'estimate_gravity'.")
         if name.startswith("./") and name.endswith(".py"):
             name = name[2:-3].replace("/", ".")
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):  # fullmatch: "$" alone would accept a trailing newline
             raise ModuleNotFound(
                 f"Invalid module name {name!r}: use a dotted Python module name inside the project "
                 "(letters, digits, '_' and '.'), such as 'estimate_gravity' or 'evolution.simulate_offspring'."

@@ -33,6 +33,7 @@ CLAIM = ".claim"
 TMP = ".tmp"
 OBJECTS = ".objects"
 LOCKS = ".locks"
+OBJECTS_LOCK = "objects"  # shared while a commit adds objects, exclusive while gc sweeps them
 # Created files and folders never grant write access to others, whatever the
 # umask (which still narrows them further, e.g. 0o077 -> private records).
 FILE_MODE = 0o664
@@ -407,10 +408,12 @@ class Claim:
 
 
 class FileLock:
-    """A blocking ``flock`` on a lock file, as a context manager (``.locks/<name>``)."""
+    """A blocking ``flock`` on a lock file, as a context manager (``.locks/<name>``);
+    ``shared`` locks exclude only the exclusive ones."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, shared: bool = False) -> None:
         self.path = path
+        self.shared = shared
         self.fd: int | None = None
 
     def __enter__(self) -> "FileLock":
@@ -421,7 +424,7 @@ class FileLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as e:
             raise _storage_error(e, "lock file", self.path) from e
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX)
         self.fd = fd
         return self
 
@@ -606,6 +609,144 @@ def verify_manifest(directory: Path) -> list[str]:
     return problems
 
 
+# --- verification ---------------------------------------------------------------
+
+
+class Problem:
+    """One thing wrong with a stored experiment: the file (relative to the
+    storage root) and what is wrong with it."""
+
+    def __init__(self, experiment_id: str, file: str, message: str) -> None:
+        self.experiment_id, self.file, self.message = experiment_id, file, message
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"Problem({str(self)!r})"
+
+    def as_json(self) -> dict[str, str]:
+        return {"experiment": self.experiment_id, "file": self.file, "problem": self.message}
+
+
+def document_problem(path: Path) -> str | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return f"damaged: not valid JSON ({len(data)} bytes; truncated or overwritten)"
+    if not isinstance(document, dict):
+        return "damaged: not a JSON object"
+    fmt = document.get("format")
+    if not isinstance(fmt, int) or fmt > FORMAT:
+        return f"storage format {fmt!r} is unknown to this machinable (reads <= {FORMAT})"
+    return None
+
+
+def _lines_problems(path: Path, what: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of a JSON-lines file and its damaged lines (a torn, unterminated
+    last line is a crash's trace, not damage: readers skip it, the next append
+    cuts it)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], ["missing"]
+    rows, bad = [], []
+    for number, line in enumerate(data.split(b"\n")[:-1], 1):
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(number)
+    if not bad:
+        return rows, []
+    if len(bad) == 1:
+        return rows, [f"line {bad[0]} is not a valid {what} (damaged)"]
+    shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+    return rows, [f"{len(bad)} lines are not valid {what}s (damaged): lines {shown}"]
+
+
+def ledger_problems(directory: Path) -> list[str]:
+    """Damage visible without re-hashing: an unreadable ledger, or a ledger
+    that contradicts the seal. ``file: message`` lines relative to ``directory``."""
+    events, problems = _lines_problems(directory / "events.jsonl", "event")
+    found = [f"events.jsonl: {p}" for p in problems]
+    finished = any(row.get("event") == "finished" for row in events)
+    if is_sealed(directory) and not finished:
+        found.append("events.jsonl: has no 'finished' event, yet the record is sealed (MANIFEST): the ledger is damaged")
+    elif finished and not is_sealed(directory) and not (directory / SEALING).exists():
+        found.append("MANIFEST: missing: the record is finished but its MANIFEST was deleted, so its files cannot be checked")
+    return found
+
+
+def record_problems(root: Path, experiment_id: str, *, rehash: bool = True) -> list[Problem]:
+    """Everything wrong with one stored experiment (empty when intact).
+
+    Without ``rehash`` only the cheap checks run (documents parse, the ledger
+    agrees with the seal); with it, a sealed record's files are re-hashed
+    against its MANIFEST and its source objects against their digests.
+    """
+    directory = root / experiment_id
+    problems: list[Problem] = []
+
+    def add(file: str, message: str) -> None:
+        problems.append(Problem(experiment_id, file, message))
+
+    for name in ("experiment.json", "code.json", "git.json", "env.json"):
+        message = document_problem(directory / name)
+        if message is not None and (name == "experiment.json" or rehash):
+            add(f"{experiment_id}/{name}", message)
+    for line in ledger_problems(directory):
+        name, message = line.split(": ", 1)
+        add(f"{experiment_id}/{name}", message)
+    if not rehash:
+        return problems
+    if seal_interrupted(directory):
+        add(f"{experiment_id}/MANIFEST", "missing: a crash interrupted sealing; launching the experiment again completes it")
+    if is_sealed(directory):
+        for line in verify_manifest(directory):
+            name, message = line.split(": ", 1)
+            if not any(p.file == name for p in problems):
+                add(name, message)
+    else:
+        _, bad = _lines_problems(directory / "records.jsonl", "record")
+        for message in bad:
+            if message != "missing":
+                add(f"{experiment_id}/records.jsonl", message)
+    problems.extend(_object_problems(root, experiment_id))
+    return problems
+
+
+def _object_problems(root: Path, experiment_id: str) -> list[Problem]:
+    """Source objects of the experiment's code.json that are missing or altered."""
+    from machinable.hashing import file_digest
+
+    try:
+        files = read_json(root / experiment_id / "code.json").get("files", {})
+    except (OSError, StorageError):
+        return []  # reported as a damaged code.json
+    problems = []
+    for source, info in sorted(files.items()):
+        digest = info.get("object") if isinstance(info, dict) else None
+        if not isinstance(digest, str) or ":" not in digest:
+            continue
+        path = object_path(root, digest)
+        rel = path.relative_to(root).as_posix()
+        if not path.is_file():
+            problems.append(Problem(experiment_id, rel, f"missing (the stored source of {source} for {experiment_id})"))
+        elif file_digest(path) != digest:
+            problems.append(Problem(experiment_id, rel, f"content changed (the stored source of {source} for {experiment_id})"))
+    return problems
+
+
 def make_temp_dir(root: Path) -> Path:
     tmp_root = root / TMP
     try:
@@ -686,9 +827,9 @@ class Storage(Element):
     def directory(self, experiment_id: str) -> Path:
         return self.root / experiment_id
 
-    def lock(self, name: str) -> FileLock:
+    def lock(self, name: str, *, shared: bool = False) -> FileLock:
         """A blocking inter-process lock named ``name`` (a file under ``.locks/``)."""
-        return FileLock(self.root / LOCKS / name)
+        return FileLock(self.root / LOCKS / name, shared=shared)
 
     def ensure_writable(self) -> None:
         try:

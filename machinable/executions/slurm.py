@@ -178,7 +178,9 @@ class Slurm(Execution):
         command += self.sbatch_options(len(experiments), job_name=_job_name(experiments))
         command.append(str(script))
         text = self.job_script(project, storage, [e.experiment_id for e in experiments], folder)
-        atomic_write(script, text.replace("\n", f"\n# submitted with: {shlex.join(command)}\n", 1).encode(), what="Slurm job script")
+        # one comment line: a newline in a path would end the comment and run the rest
+        comment = shlex.join(command).replace("\r", "\\r").replace("\n", "\\n")
+        atomic_write(script, text.replace("\n", f"\n# submitted with: {comment}\n", 1).encode(), what="Slurm job script")
         job_id = _sbatch(command, cwd=project)
         for index, experiment in enumerate(experiments):
             task = f"{job_id}_{index}" if array else job_id
