@@ -771,6 +771,316 @@ def gc_command(
         _out(report.render())
 
 
+# --- inspecting: list (find), show, diff, index ---------------------------------------------
+
+
+def _list_filters(tokens: list[str]) -> tuple[str | None, dict[str, str]]:
+    """``[MODULE] [KEY=VALUE]...`` -> (module, values)."""
+    from machinable.errors import UsageError
+
+    module: str | None = None
+    values: dict[str, str] = {}
+    for token in tokens:
+        if "=" in token:
+            key, value = token.split("=", 1)
+            if not _KEY.match(key):
+                raise UsageError(f"Invalid config key {key!r} in {token!r}: use KEY=VALUE with a dotted key such as lr=0.1 or model.depth=3.")
+            values[key] = value
+        elif module is None and not values:
+            from machinable.project import Project
+
+            module = Project.get().normalize_name(token)
+        else:
+            raise UsageError(f"Unexpected {token!r}: give at most one MODULE, first, then KEY=VALUE pairs.")
+    return module, values
+
+
+def _list_duration(row: dict[str, Any]) -> str:
+    from datetime import datetime, timezone
+
+    from machinable.diff import _duration
+
+    if not row.get("started"):
+        return "-"
+    try:
+        start = datetime.fromisoformat(row["started"])
+        end = datetime.fromisoformat(row["finished"]) if row.get("finished") else None
+    except ValueError:
+        return "-"
+    if end is None:
+        if row["state"] != "running":
+            return "-"
+        end = datetime.now(timezone.utc)
+    return _duration((end - start).total_seconds())
+
+
+def _list_time(iso: str | None, seconds: bool = True) -> str:
+    from datetime import datetime
+
+    try:
+        moment = datetime.fromisoformat(iso).astimezone() if iso else None
+    except ValueError:
+        return iso or "-"
+    return moment.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M") if moment else "-"
+
+
+def _list_config(row: dict[str, Any], keys: list[str] | None = None) -> str:
+    import orjson
+
+    from machinable.config import flatten
+    from machinable.diff import _fmt
+
+    try:
+        flat = flatten(orjson.loads(row["config"]))
+    except (orjson.JSONDecodeError, TypeError, AttributeError):
+        return "?"
+    shown = [k for k in (keys if keys is not None else flat) if k in flat]
+    return " ".join(f"{k}={_fmt(flat[k], 24)}" for k in shown)
+
+
+def _list_key_columns(rows: list[dict[str, Any]], wanted: list[str], most: int = 6) -> list[str]:
+    """The config keys worth a glance: those asked for, then those whose values vary."""
+    import orjson
+
+    from machinable.config import flatten
+
+    values: dict[str, set[str]] = {}
+    flats = []
+    for row in rows:
+        try:
+            flats.append(flatten(orjson.loads(row["config"])))
+        except (orjson.JSONDecodeError, TypeError, AttributeError):
+            flats.append({})
+    for flat in flats:
+        for key in flat:
+            values.setdefault(key, set())
+    for key in values:
+        values[key] = {orjson.dumps(flat.get(key, "\0missing")).decode() for flat in flats}
+    varying = [k for k in values if len(values[k]) > 1 and k not in wanted]
+    keys = [k for k in wanted if k in values] + varying
+    if not keys:
+        keys = list(values)
+    return keys[:most]
+
+
+def _list_json(row: dict[str, Any]) -> bytes:
+    import orjson
+
+    try:
+        config = orjson.loads(row["config"])
+    except (orjson.JSONDecodeError, TypeError):
+        config = None
+    fields = ("id", "module", "state", "seed", "created", "started", "finished", "execution", "git_commit", "config_hash", "code_hash")
+    out = {**{k: row.get(k) for k in fields}, "config": config}
+    if isinstance(out["seed"], str) and out["seed"].lstrip("-").isdigit():
+        out["seed"] = int(out["seed"])
+    return orjson.dumps(out) + b"\n"
+
+
+def _list_nothing_found(storage: Any, module: str | None, values: dict[str, str]) -> None:
+    if not storage.root.is_dir():
+        _note(f"No experiments: storage {storage.root} does not exist yet.")
+        return
+    index = storage.fresh_index()
+    hints = [f"no experiment has config key {key!r}" for key in values if not index.has_config_key(key)]
+    if module and not index.count("module=?", (module,)):
+        modules = [r[0] for r in index.db.execute("SELECT DISTINCT module FROM experiments WHERE module != '' ORDER BY module LIMIT 20")]
+        hints.append(f"no experiment of module {module!r} (stored: {', '.join(modules) or 'none'})")
+    _note(f"No experiments match in {storage.root}" + (f" ({'; '.join(hints)})." if hints else "."))
+
+
+_STATE_STYLE = {"finished": "green", "failed": "red", "running": "cyan", "interrupted": "yellow", "damaged": "bold red"}
+
+
+def _list_table(found: Any, wanted: list[str], capped: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = list(found.rows())
+    if not rows:
+        return
+    keys = _list_key_columns(rows, wanted)
+    modules = {row["module"] for row in rows}
+    one_module = len(modules) == 1  # then it goes in the title, leaving the width to the config
+    table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left",
+                  title=f"module {next(iter(modules)) or '?'}" if one_module else None)
+    columns = ["id", *([] if one_module else ["module"]), "state", "started", "duration", "config"]
+    for column in columns:
+        if column == "config":
+            table.add_column(column, overflow="fold", min_width=12)
+        else:
+            table.add_column(column, no_wrap=True)
+    for row in rows:
+        style = _STATE_STYLE.get(row["state"], "")
+        state = f"[{style}]{row['state']}[/]" if style else row["state"]
+        cells = [row["id"][:12], *([] if one_module else [row["module"] or "?"]), state,
+                 _list_time(row["started"] or row["created"], seconds=False), _list_duration(row), _list_config(row, keys)]
+        table.add_row(*cells)
+    console = Console()
+    console.print(table)
+    if capped and len(rows) == found.limit:
+        total = found.count()
+        if total > len(rows):
+            console.print(f"[dim]{len(rows)} of {total:,} shown ({found.order} first); --limit N or --all for more.[/]")
+
+
+def _list_experiments(filters: list[str], state: str | None, since: str | None, limit: int | None, oldest: bool,
+                      every: bool, as_json: bool) -> None:
+    from machinable.storage import Storage
+
+    module, values = _list_filters(filters)
+    storage = Storage.current()
+    terminal = sys.stdout.isatty() and not as_json
+    capped = terminal and limit is None and not every
+    found = storage.find(module, state=state, since=since, limit=50 if capped else limit,
+                         order="oldest" if oldest else "newest", config=values)
+    shown = 0
+    try:
+        if terminal:
+            _list_table(found, list(values), capped)
+            shown = 1 if found.first() is not None else 0
+        else:
+            out = sys.stdout.buffer
+            for row in found.rows():
+                if as_json:
+                    out.write(_list_json(row))
+                else:
+                    line = "\t".join([row["id"], row["module"] or "?", row["state"], _list_time(row["started"] or row["created"]),
+                                      _list_duration(row), _list_config(row)])
+                    out.write(line.encode() + b"\n")
+                shown += 1
+            out.flush()
+    except BrokenPipeError:  # `machinable list | head`: the reader has all it wants
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return
+    if not shown and limit != 0:
+        _list_nothing_found(storage, module, values)
+
+
+_LIST_HELP = {
+    "filters": "A module, then config values to match (KEY=VALUE, dotted keys for nested configs; 1 matches 1.0).",
+    "state": "Only experiments in this state: created, dispatched, running, finished, failed, interrupted, damaged.",
+    "since": "Only experiments created since then: 2024-05-01, 2024-05-01T14:30, 30m, 12h, 7d, 2w, today, yesterday.",
+    "limit": "At most N experiments (default: all; on a terminal the newest 50, and says how many more there are).",
+}
+
+
+@app.command("list", short_help="List stored experiments, newest first, by module, config values, state and time.")
+def list_command(
+    filters: Annotated[Optional[list[str]], typer.Argument(metavar="[MODULE] [KEY=VALUE]...", help=_LIST_HELP["filters"], show_default=False)] = None,
+    state: Annotated[Optional[str], typer.Option("--state", metavar="STATE", help=_LIST_HELP["state"], show_default=False)] = None,
+    since: Annotated[Optional[str], typer.Option("--since", metavar="WHEN", help=_LIST_HELP["since"], show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", metavar="N", min=0, help=_LIST_HELP["limit"], show_default=False)] = None,
+    oldest: Annotated[bool, typer.Option("--oldest", help="Oldest first.")] = False,
+    every: Annotated[bool, typer.Option("--all", help="On a terminal: every match, not only the newest 50.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line, streamed (for jq, pandas.read_json(lines=True)).")] = False,
+) -> None:
+    """List stored experiments from the index (kept in sync with the storage folders).
+
+    On a terminal: a table of id, module, state, start time, duration and the
+    config values that vary between the rows shown. Piped: one tab-separated
+    line per experiment (id, module, state, started, duration, config), every
+    match. `--json`: one JSON object per line. Same as `machinable find`.
+    """
+    _list_experiments(filters or [], state, since, limit, oldest, every, as_json)
+
+
+@app.command("find", short_help="Same as `machinable list`.")
+def find_command(
+    filters: Annotated[Optional[list[str]], typer.Argument(metavar="[MODULE] [KEY=VALUE]...", help=_LIST_HELP["filters"], show_default=False)] = None,
+    state: Annotated[Optional[str], typer.Option("--state", metavar="STATE", help=_LIST_HELP["state"], show_default=False)] = None,
+    since: Annotated[Optional[str], typer.Option("--since", metavar="WHEN", help=_LIST_HELP["since"], show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", metavar="N", min=0, help=_LIST_HELP["limit"], show_default=False)] = None,
+    oldest: Annotated[bool, typer.Option("--oldest", help="Oldest first.")] = False,
+    every: Annotated[bool, typer.Option("--all", help="On a terminal: every match, not only the newest 50.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line, streamed.")] = False,
+) -> None:
+    """Find stored experiments: the same as `machinable list`."""
+    _list_experiments(filters or [], state, since, limit, oldest, every, as_json)
+
+
+@app.command("show", short_help="Everything stored about one experiment: config, code, git, environment, events, outputs.")
+def show_command(
+    experiment_id: Annotated[str, typer.Argument(metavar="ID", help="An experiment id or any unique prefix of one.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print it as JSON.")] = False,
+) -> None:
+    """Show one experiment: its config (defaults marked), the files of its import
+    closure with their hashes, git commit/branch/dirty state, environment, the
+    events timeline, a summary of its records, its data files, result and the
+    tail of its output. Damaged files are shown as damaged.
+    """
+    from machinable.diff import Snapshot
+    from machinable.storage import Storage
+
+    snapshot = Snapshot.of(experiment_id, Storage.current())
+    if as_json:
+        import orjson
+
+        _out(orjson.dumps(snapshot.as_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
+    else:
+        _out(snapshot.render())
+
+
+@app.command("diff", short_help="What differs between two experiments, and why their ids differ.")
+def diff_command(
+    a: Annotated[str, typer.Argument(metavar="A", help="An experiment id or unique prefix.", show_default=False)],
+    b: Annotated[str, typer.Argument(metavar="B", help="Another experiment id or unique prefix.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the differences as JSON.")] = False,
+) -> None:
+    """Compare two experiments section by section, showing only what differs:
+    config values; code (changed files of the import closure, with a unified
+    diff of their stored sources); git (commits, uncommitted changes);
+    environment (python, packages); outputs (result, records statistics, data
+    files by digest). The first line says why the ids differ (config keys,
+    files, seed).
+    """
+    from machinable.diff import diff
+    from machinable.storage import Storage
+
+    result = diff(a, b, Storage.current())
+    if as_json:
+        import orjson
+
+        _out(orjson.dumps(result.as_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
+    else:
+        _out(result.render())
+
+
+@app.command("index", short_help="Bring the storage index up to date, or rebuild it from the folders (--rebuild).")
+def index_command(
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Delete every row and re-read every experiment folder.")] = False,
+) -> None:
+    """The index (storage/index.sqlite) only speeds up lookups; the experiment
+    folders are the truth. It is brought up to date automatically when the
+    folders change behind its back; `--rebuild` recreates it from the folders
+    alone (deleting index.sqlite does the same at the next command).
+    """
+    import time
+
+    from machinable.index import SCHEMA_VERSION, _stderr_progress
+    from machinable.storage import Storage
+
+    storage = Storage.current()
+    if not storage.root.is_dir():
+        _out(f"No storage at {storage.root}: nothing to index.")
+        return
+    start = time.perf_counter()
+    if rebuild:
+        progress = _stderr_progress(f"Reading the folders of {storage.root}") if sys.stderr.isatty() else None
+        count = storage.rebuild_index(progress=progress)
+        _out(f"Rebuilt {storage.index.path} from {count:,} experiment folders in {time.perf_counter() - start:.1f}s.")
+        return
+    index = storage.index
+    added = removed = 0
+    if index.fresh_mtime() is None:
+        added, removed = index.sync(storage.read_row)
+    updated = index.settle(storage.read_row)
+    total = index.count()
+    changes = f"added {added:,}, removed {removed:,}, updated {updated:,}" if added or removed or updated else "already up to date"
+    _out(f"{index.path}: {total:,} experiments (schema {SCHEMA_VERSION}); {changes}.")
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 _GLOBAL_VALUE_OPTIONS = ("--storage",)

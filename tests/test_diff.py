@@ -1,0 +1,282 @@
+"""show and diff of stored experiments: each section, the verdict, damage tolerance.
+
+Every scenario is a real change a user makes between two runs (a config
+value, a helper file, a comment, a commit, an import of another package, a
+different output), recorded by real launches in a committed git project.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import orjson
+import pytest
+
+from machinable import Storage, get
+from machinable.diff import Snapshot, config_defaults, diff, summarize
+from machinable.errors import ExperimentNotFound
+from tests.conftest import git
+
+TRAIN = '''from machinable import Experiment
+
+import helpers
+
+
+class Train(Experiment):
+    class Config:
+        lr: float = 0.1
+        epochs: int = 3
+        name: str = "baseline"
+
+    def on_execute(self):
+        for epoch in range(self.config.epochs):
+            self.record(epoch=epoch, loss=helpers.loss(self.config.lr, epoch))
+        self.save_data("weights.json", {"lr": self.config.lr})
+        print("trained", self.config.name)
+        return helpers.loss(self.config.lr, self.config.epochs)
+'''
+
+HELPERS = '''def loss(lr, epoch):
+    return 1.0 / (1 + lr * (epoch + 1))
+'''
+
+
+@pytest.fixture
+def train(project):
+    (project / "train.py").write_text(TRAIN)
+    (project / "helpers.py").write_text(HELPERS)
+    git(project, "add", "train.py", "helpers.py")
+    git(project, "commit", "-q", "-m", "train")
+    return project
+
+
+def commit_all(project: Path, message: str) -> None:
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", message)
+
+
+def launched(config: dict | None = None, *, new: bool = False):
+    experiment = (get.new if new else get)("train", config or {})
+    experiment.launch()
+    return experiment
+
+
+def writable(directory: Path) -> None:
+    for path in [directory, *directory.rglob("*")]:
+        os.chmod(path, stat.S_IMODE(path.stat().st_mode) | stat.S_IWUSR)
+
+
+# --- the verdict and each section ----------------------------------------------------------
+
+
+def test_config_change_is_named_as_the_cause(train):
+    a = launched({"lr": 0.1})
+    b = launched({"lr": 0.5})
+    result = a.diff(b)
+    assert result.sections["config"] == {"changed": {"lr": [0.1, 0.5]}}
+    assert result.causes == ["config key lr (0.1 -> 0.5)", f"seed ({a.seed} -> {b.seed})"]
+    assert result.verdict.startswith("The ids differ because of config key lr (0.1 -> 0.5)")
+    assert not result.sections["code"] and not result.sections["git"] and not result.sections["environment"]
+    outputs = result.sections["outputs"]
+    assert outputs["result"] == [a.result, b.result]
+    assert set(outputs["records"]["keys"]) == {"loss"}  # epochs are the same, losses differ
+    assert list(outputs["data"]["changed"]) == ["result.json", "weights.json"]
+    text = str(result)
+    assert text.splitlines()[1] == f"why: {result.verdict}"
+    assert "  lr: 0.1 -> 0.5" in text
+    assert "(no differences in code, git, environment)" in text
+
+
+def test_a_changed_helper_file_is_named_with_a_diff_of_its_stored_source(train):
+    a = launched()
+    (train / "helpers.py").write_text(HELPERS.replace("1 + lr", "2 + lr"))
+    commit_all(train, "change the loss")
+    b = launched()
+    assert a.experiment_id != b.experiment_id
+    result = diff(a, b)
+    code = result.sections["code"]
+    assert code["changed"] == ["helpers.py"]
+    assert "-    return 1.0 / (1 + lr * (epoch + 1))" in code["diffs"]["helpers.py"]
+    assert "+    return 1.0 / (2 + lr * (epoch + 1))" in code["diffs"]["helpers.py"]
+    assert "file helpers.py (changed)" in result.causes
+    assert not result.sections["config"]
+    # git: the commit changed, and the commit in between is listed
+    assert result.sections["git"]["commit"] == [Snapshot.of(a).git["commit"], Snapshot.of(b).git["commit"]]
+    [commits] = [v for k, v in result.sections["git"]["commits"].items() if v]
+    assert any("change the loss" in line for line in commits)
+
+
+def test_added_and_removed_closure_files(train):
+    a = launched()
+    (train / "extra.py").write_text("SCALE = 1\n")
+    (train / "train.py").write_text(TRAIN.replace("import helpers\n", "import helpers\nimport extra\n"))
+    commit_all(train, "extra")
+    b = launched()
+    code = diff(a, b).sections["code"]
+    assert code["added"] == ["extra.py"] and code["changed"] == ["train.py"]
+    assert "+SCALE = 1" in code["diffs"]["extra.py"]
+    assert diff(b, a).sections["code"]["removed"] == ["extra.py"]
+    assert "file" in diff(b, a).verdict and "extra.py (removed)" in diff(b, a).verdict
+
+
+def test_comment_only_edits_do_not_change_the_id_but_show_as_formatting(train):
+    a = launched()
+    (train / "helpers.py").write_text("# a comment\n" + HELPERS)
+    commit_all(train, "comment")
+    assert get("train").experiment_id == a.experiment_id  # same code hash: the same experiment
+    b = launched(new=True)  # a replicate recorded with the commented source
+    result = diff(a, b)
+    assert result.sections["code"]["formatting_only"] == ["helpers.py"]
+    assert "+# a comment" in result.sections["code"]["diffs"]["helpers.py"]
+    assert result.verdict == f"Replicates: same config and code, only the seed differs ({a.seed} -> {b.seed})."
+
+
+def test_uncommitted_changes_are_compared(train):
+    a = launched()
+    (train / "helpers.py").write_text(HELPERS + "\nUNUSED = 1\n")
+    b = launched()
+    git_section = diff(a, b).sections["git"]
+    assert git_section["dirty"] == [False, True]
+    assert git_section["uncommitted"]["files_a"] == [] and git_section["uncommitted"]["files_b"] == ["helpers.py"]
+    assert "++UNUSED = 1" in git_section["uncommitted"]["diff"]
+
+
+def test_environment_section_lists_package_changes(train):
+    a = launched()
+    (train / "helpers.py").write_text("import xxhash\n\n" + HELPERS)
+    commit_all(train, "import xxhash")
+    b = launched()
+    import xxhash
+
+    environment = diff(a, b).sections["environment"]
+    assert environment["packages"] == {"xxhash": [None, xxhash.VERSION]}
+    assert f"xxhash: (not installed) -> {xxhash.VERSION}" in str(diff(a, b))
+
+
+def test_replicates_and_the_same_experiment(train):
+    a = launched()
+    b = a.replicate()
+    b.launch()
+    result = a.diff(b)
+    assert result.causes == [f"seed ({a.seed} -> {b.seed})"]
+    assert result.verdict.startswith("Replicates")
+    assert not any(result.sections.values())  # deterministic: nothing else differs
+    same = a.diff(a.experiment_id[:8])
+    assert same.verdict == "Same experiment (same id)." and not same
+
+
+def test_outputs_records_and_data_files(train):
+    a = launched({"epochs": 2})
+    b = launched({"epochs": 4})
+    outputs = diff(a, b).sections["outputs"]
+    assert outputs["records"]["rows"] == [2, 4]
+    epoch_a, epoch_b = outputs["records"]["keys"]["epoch"]
+    assert (epoch_a["max"], epoch_b["max"]) == (1, 3)
+    assert list(outputs["data"]["changed"]) == ["result.json"]  # weights.json holds the same lr in both
+    assert "records: 2 -> 4 rows" in str(diff(a, b))
+
+
+def test_json_output_has_every_section(train):
+    a = launched({"lr": 0.1})
+    b = launched({"lr": 0.2})
+    document = orjson.loads(orjson.dumps(diff(a, b).as_json(), option=orjson.OPT_NON_STR_KEYS))
+    assert set(document["sections"]) == {"config", "code", "git", "environment", "outputs"}
+    assert document["a"]["id"] == a.experiment_id and document["same"] is False
+    assert document["causes"][0] == "config key lr (0.1 -> 0.2)"
+
+
+# --- show ------------------------------------------------------------------------------------------
+
+
+def test_show_marks_defaults_and_lists_everything_stored(train):
+    experiment = launched({"lr": 0.5})
+    snapshot = Snapshot.of(experiment)
+    text = str(snapshot)
+    assert text.splitlines()[0] == f"experiment {experiment.experiment_id}"
+    assert "  lr      0.5\n" in text
+    assert "  epochs  3  (default)" in text
+    assert "  name    'baseline'  (default)" in text
+    for path in ("train.py", "helpers.py"):
+        assert f"  {path}  xxh3-128:" in text
+    assert "commit " in text and "on main, clean" in text
+    assert "python " in text and "machinable " in text
+    events = text.split("\nevents\n")[1].split("\nrecords")[0].splitlines()
+    assert [line.split()[2] for line in events] == ["created", "dispatched", "started", "finished"]
+    assert "records (3 rows)" in text and "  loss" in text and "mean=" in text
+    assert "weights.json" in text and "trained baseline" in text.split("output (")[1]
+    document = snapshot.as_json()
+    assert document["config"]["lr"] == {"value": 0.5, "default": False}
+    assert document["config"]["epochs"] == {"value": 3, "default": True}
+    assert document["records"]["summary"]["epoch"] == {"count": 3, "last": 2, "min": 0, "max": 2, "mean": 1.0}
+    assert [e["event"] for e in document["events"]] == ["created", "dispatched", "started", "finished"]
+
+
+def test_show_of_a_failed_run_has_the_traceback(train):
+    (train / "helpers.py").write_text(HELPERS.replace("return 1.0", "raise ValueError('diverged')\n    return 1.0"))
+    commit_all(train, "broken")
+    experiment = get("train")
+    with pytest.raises(Exception):
+        experiment.launch()
+    text = str(Snapshot.of(experiment))
+    assert "state        failed" in text
+    assert "ValueError: diverged" in text
+
+
+def test_damaged_files_are_shown_as_damaged_never_a_crash(train):
+    a = launched({"lr": 0.1})
+    b = launched({"lr": 0.2})
+    writable(a.directory)
+    with open(a.directory / "records.jsonl", "ab") as f:
+        f.write(b"{this is not json}\n")
+    (a.directory / "env.json").write_text("garbage")
+    (a.directory / "code.json").unlink()
+    snapshot = Snapshot.of(a)
+    text = str(snapshot)
+    assert "records (3 rows)  [DAMAGED: records.jsonl: 1 damaged line skipped]" in text
+    assert "environment  [DAMAGED: env.json is damaged" in text
+    assert "code (import closure)  [DAMAGED: code.json is missing]" in text
+    result = diff(a, b)
+    assert "note: a's environment is damaged" in str(result)
+    (a.directory / "experiment.json").write_text("{")
+    broken = Snapshot.of(a)
+    assert "DAMAGED: experiment.json is damaged" in str(broken)
+    assert diff(a, b).causes[0].startswith("unknown: the record of")
+
+
+def test_an_unstored_experiment_cannot_be_shown(train):
+    with pytest.raises(ExperimentNotFound, match="not stored yet"):
+        Snapshot.of(get.new("train"))
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def test_records_summary_and_table(train):
+    experiment = launched({"epochs": 3})
+    records = experiment.records()
+    assert [row["epoch"] for row in records] == [0, 1, 2]
+    assert records.columns() == ["epoch", "loss"]
+    assert records.summary()["epoch"]["mean"] == 1.0
+    table = records.as_table()
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        lines = str(table).splitlines()
+        assert lines[0].split() == ["epoch", "loss"]
+        assert [line.split()[0] for line in lines[1:]] == ["0", "1", "2"]
+        assert repr(table) == str(table)
+    else:
+        assert list(table.columns) == ["epoch", "loss"] and len(table) == 3
+
+
+def test_summary_and_defaults_helpers():
+    assert summarize([{"a": 1, "b": "x"}, {"a": 3, "b": True}]) == {
+        "a": {"count": 2, "last": 3, "min": 1, "max": 3, "mean": 2.0},
+        "b": {"count": 2, "last": True},
+    }
+    source = b"class E:\n    class Config:\n        a: int = 1\n        b: tuple = (1, 2)\n        c: object = make()\n"
+    defaults = config_defaults(source)
+    assert defaults["a"] == 1 and defaults["b"] == (1, 2) and "c" in defaults
+    assert config_defaults(b"def (") == {}
