@@ -8,11 +8,14 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install -q -e ".[test]" || { echo "test.sh: pip install failed" >&2; exit 1; }
 
-slurm_started=0
 if [[ $(id -u) == 0 && ${MACHINABLE_SKIP_SLURM:-0} != 1 ]]; then
-    if bash tests/cluster/start_slurm.sh; then
-        slurm_started=1
+    if command -v sinfo >/dev/null && timeout 20 sinfo -h >/dev/null 2>&1; then
+        # a developer's cluster (or one started by hand): use it, leave it running
+        echo "test.sh: Slurm is already up: using it" >&2
         export MACHINABLE_SLURM_AVAILABLE=1
+    elif bash tests/cluster/start_slurm.sh; then
+        export MACHINABLE_SLURM_AVAILABLE=1
+        trap 'bash tests/cluster/stop_slurm.sh || true' EXIT  # also when the run is interrupted
     else
         echo "test.sh: could not start Slurm (see above)" >&2
     fi
