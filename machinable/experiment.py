@@ -419,7 +419,9 @@ class Experiment(Element):
             with storage.lock(OBJECTS_LOCK, shared=True):  # gc sweeps objects only between commits
                 self._write_record(closure)
             return self
-        with storage.lock(f"create-{hex_of(self.config_hash)}"):
+        # 256 lock stripes, not one lock file per config: the same config always takes
+        # the same stripe, and storage/.locks stays small at any number of configs
+        with storage.lock(f"create-{hex_of(self.config_hash)[:2]}"):
             found = storage.fresh_index().newest(self.config_hash, closure.code_hash)
             if found is not None and (storage.directory(found) / "experiment.json").exists():
                 self._load_record(found)

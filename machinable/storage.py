@@ -361,8 +361,9 @@ class Claim:
     def _own(self, fd: int) -> None:
         self.fd = fd
         info = orjson.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": now_iso()})
-        os.ftruncate(fd, 0)
         os.pwrite(fd, info, 0)
+        if os.fstat(fd).st_size > len(info):  # an earlier owner's longer note (truncating always costs a journal write)
+            os.ftruncate(fd, len(info))
         os.utime(self.path)
 
     def start_heartbeat(self, interval: float | None = None) -> None:
