@@ -102,9 +102,8 @@ def _git_init(result: InitResult) -> None:
     if found is not None:
         result.git = "inside-repository"
         if result.written:
-            files = " ".join(_shown(target / rel) for rel in result.written)
             result.messages.append(
-                f"git: inside the repository at {found[0]}; commit the new files (git add {files} && git commit) "
+                f"git: inside the repository at {found[0]}; commit the new files (git add {_shown(target)} && git commit) "
                 "so that launches record a clean tree"
             )
         return
