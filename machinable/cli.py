@@ -200,6 +200,7 @@ def seed_grammar(
     ] = None,
     require_clean: Annotated[bool, typer.Option("--require-clean", help="Refuse to launch from a git tree with uncommitted changes.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="With a non-blocking execution (Slurm): block until the launched experiments end.")] = False,
+    force_new: Annotated[bool, typer.Option("--force-new", help="A new experiment (new seed), even if one with this config is stored (for example a damaged one).")] = False,
 ) -> None:
     """Dry-run or --launch an experiment: MODULE [KEY=VALUE]... [EXECUTION [KEY=VALUE]...].
 
@@ -213,6 +214,8 @@ def seed_grammar(
 
     if seed is not None and replicate is not None:
         raise UsageError("--seed and --replicate exclude each other: replicates differ by their seeds.")
+    if force_new and (seed is not None or replicate is not None):
+        raise UsageError("--force-new makes one new experiment with a new seed: leave out --seed and --replicate.")
     specs = parse_module_args(arguments)
     with ExitStack() as stack:
         execution = None
@@ -228,7 +231,7 @@ def seed_grammar(
                 execution = element
             else:
                 stack.enter_context(element)
-        experiment, experiments = _experiments(specs[0], seed, replicate)
+        experiment, experiments = _experiments(specs[0], seed, replicate, force_new)
         if not launch:
             _dry_run(experiment, experiments, execution, require_clean, replicate, seed)
             return
@@ -309,7 +312,7 @@ def _context_element(spec: ModuleArgs) -> Any:
     return get(spec.name, _typed_values(cls, spec.values))
 
 
-def _experiments(spec: ModuleArgs, seed: int | None, replicate: int | None) -> tuple[Any, list[Any]]:
+def _experiments(spec: ModuleArgs, seed: int | None, replicate: int | None, force_new: bool = False) -> tuple[Any, list[Any]]:
     """The experiment the command line names (get-or-create) and those to launch (it, or N replicates)."""
     from machinable import get
     from machinable.errors import UsageError
@@ -323,7 +326,7 @@ def _experiments(spec: ModuleArgs, seed: int | None, replicate: int | None) -> t
             f"{spec.name} key=value."
         )
     values = _typed_values(cls, spec.values)
-    experiment = get(spec.name, values, seed=seed)
+    experiment = get.new(spec.name, values) if force_new else get(spec.name, values, seed=seed)
     if replicate is None:
         return experiment, [experiment]
     # Idempotent like get(): the same command twice launches the same N

@@ -343,8 +343,16 @@ class Snapshot:
             "result": self.result,
             "output_tail": self.output_tail(),
             "reproductions": _reproductions_json(self.directory),
-            "problems": dict(self.problems),
+            "problems": {**self.problems, **({"record": "; ".join(self.integrity)} if self.integrity else {})},
         }
+
+    @cached_property
+    def integrity(self) -> list[str]:
+        """Damage visible without re-hashing: a ledger that cannot be read or
+        contradicts the seal, a deleted MANIFEST (``file: problem`` lines)."""
+        from machinable.storage import ledger_problems
+
+        return ledger_problems(self.directory)
 
     def render(self) -> str:
         """The text of ``machinable show``."""
@@ -352,6 +360,8 @@ class Snapshot:
         times = self._times()
         attempts = sum(1 for e in self.events if e.get("event") == "started")
         lines.append(f"experiment {self.experiment_id}")
+        for problem in self.integrity:
+            lines.append(f"  DAMAGED: {problem} (`machinable verify {self.short_id}` checks every file)")
         if self.damaged:
             lines.append(f"  DAMAGED: {self.problems.get('experiment', 'experiment.json cannot be read')}")
             lines.append(f"  folder: {self.directory}")

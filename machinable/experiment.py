@@ -1004,7 +1004,7 @@ def _damaged(element: Experiment, experiment_id: str, problem: str) -> StorageFo
     return StorageFormatError(
         f"The stored experiment {experiment_id[:SHORT]} for {element.module} with this config is damaged: {problem}. "
         f"`machinable verify {experiment_id[:SHORT]}` lists every problem. To start over with this config, create a new "
-        f"experiment: get.new({element.module!r}, {config!r}) (command line: add --seed N with a new seed); "
+        f"experiment: get.new({element.module!r}, {config!r}) (command line: --force-new); "
         f"`machinable gc --include-finished {experiment_id[:SHORT]}` removes the damaged record."
     )
 

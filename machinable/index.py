@@ -761,10 +761,13 @@ class Query:
 
 
 def live_state(root: Path, row: dict[str, Any]) -> str:
-    """A row's state, with 'running' checked against the claim (a dead run is 'interrupted')."""
-    if row["state"] == "running":
-        from machinable.storage import claim_is_held
+    """A row's state, with 'running' checked against the claim (a dead run is
+    'interrupted') and a record damaged since it was indexed marked 'damaged'."""
+    from machinable.storage import claim_is_held, looks_damaged
 
+    if row["state"] != DAMAGED and looks_damaged(root / row["id"], row):
+        return DAMAGED
+    if row["state"] == "running":
         if not claim_is_held(root / row["id"]):
             return "interrupted"
     return row["state"]
@@ -878,9 +881,14 @@ class Found:
     def __iter__(self) -> Iterator[Any]:
         from machinable.experiment import Experiment
 
+        from machinable.errors import StorageError
+
         for row in self.rows():
-            if row["state"] != DAMAGED:  # cannot be restored; `machinable list`/`verify` show them
-                yield Experiment.restore(self.storage, row["id"])
+            try:
+                experiment = Experiment.restore(self.storage, row["id"])
+            except (StorageError, KeyError, TypeError, ValueError):
+                continue  # an unreadable record: `machinable list`/`verify` show it
+            yield experiment
 
     def ids(self) -> Iterator[str]:
         return (row["id"] for row in self.rows())

@@ -688,6 +688,29 @@ def ledger_problems(directory: Path) -> list[str]:
     return found
 
 
+def looks_damaged(directory: Path, row: dict[str, Any]) -> bool:
+    """Whether ``list`` should mark an index row's record as damaged: a few
+    ``stat`` calls per row, and a read only when they show a change since the
+    row was indexed (the full check is ``verify``)."""
+    try:
+        events_size = os.stat(directory / "events.jsonl").st_size
+    except OSError:
+        return True
+    if events_size != row.get("events_size", events_size) and ledger_problems(directory):
+        return True
+    try:
+        sealed = os.stat(directory / MANIFEST).st_mtime_ns
+    except FileNotFoundError:
+        return row.get("state") == "finished" and not (directory / SEALING).exists()
+    except OSError:
+        return True
+    try:
+        changed = os.stat(directory / "experiment.json").st_mtime_ns > sealed
+    except OSError:
+        return True
+    return changed and (document_problem(directory / "experiment.json") is not None or bool(ledger_problems(directory)))
+
+
 def record_problems(root: Path, experiment_id: str, *, rehash: bool = True) -> list[Problem]:
     """Everything wrong with one stored experiment (empty when intact).
 

@@ -108,6 +108,16 @@ def test_garbage_events(project):
     assert sorted(p.name for p in damaged.directory.rglob("*")) == before
     assert path.read_bytes() == b"\x00\x17garbage{{{\nnot json either\n"
 
+    # on the command line: the same message, and --force-new starts over
+    args = ("estimate_gravity", "time_dilation=1.0", "verbose=false", "--launch")
+    result = run_machinable(project, *args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{damaged.short_id} for estimate_gravity with this config is damaged" in result.stderr
+    assert "--force-new" in result.stderr
+    result = run_machinable(project, *args, "--force-new")
+    assert result.returncode == 0, result.stderr
+    assert run_machinable(project, *args).returncode == 0, "the new experiment is the one get() finds now"
+
 
 def test_deleted_manifest(project):
     damaged = _launch(1.0)
@@ -218,3 +228,41 @@ def test_torn_last_event_is_not_damage(project):
     assert experiment.is_finished()
     lines = events.read_bytes().split(b"\n")
     assert lines[-1] == b"" and all(orjson.loads(line) for line in lines[:-1])
+
+
+def test_list_and_show_keep_working_and_mark_damaged_records(project):
+    experiments = [_launch(t) for t in (1.0, 2.0, 3.0, 4.0, 5.0)]
+    truncated, garbage, unsealed, modified, intact = experiments
+    damage = {
+        truncated: ("experiment.json", lambda p: p.write_bytes(p.read_bytes()[:30])),
+        garbage: ("events.jsonl", lambda p: p.write_bytes(b"garbage\n")),
+        unsealed: ("MANIFEST", lambda p: p.unlink()),
+        modified: ("data/result.json", lambda p: p.write_bytes(b"1")),
+    }
+    for experiment, (name, spoil) in damage.items():
+        path = experiment.directory / name
+        _writable(path)
+        spoil(path)
+
+    listed = run_machinable(project, "list", "--json")
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    states = {row["id"]: row["state"] for row in map(orjson.loads, listed.stdout.splitlines())}
+    assert states == {
+        truncated.experiment_id: "damaged", garbage.experiment_id: "damaged", unsealed.experiment_id: "damaged",
+        modified.experiment_id: "finished",  # found only by re-hashing: `machinable verify`
+        intact.experiment_id: "finished",
+    }
+    table = run_machinable(project, "list")
+    assert table.returncode == 0 and table.stdout.count("damaged") == 3
+
+    for experiment in (truncated, garbage, unsealed):
+        shown = run_machinable(project, "show", experiment.short_id)
+        assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+        assert "DAMAGED" in shown.stdout.splitlines()[1], shown.stdout
+    shown = run_machinable(project, "show", intact.short_id)
+    assert shown.returncode == 0 and "DAMAGED" not in shown.stdout
+
+    from machinable import get
+
+    found = {e.experiment_id for e in get.all("estimate_gravity")}
+    assert found == {e.experiment_id for e in experiments} - {truncated.experiment_id}, "readable records are still found"
