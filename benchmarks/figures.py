@@ -159,13 +159,17 @@ def code_hashing(ctx: Context) -> list[Figure]:
     s = ctx.sizes
     project = fixtures.git_project(ctx.work / "closure", fixtures.closure_files(s.closure_files))
     warm = run_worker("closure_warm", {"repeat": s.repeat}, cwd=project)
-    cold = [run_worker("closure_cold", {}, cwd=project) for _ in range(s.command_repeat)]
+    cold, cold_floor = [], []
+    for _ in range(s.command_repeat):
+        cold.append(run_worker("closure_cold", {}, cwd=project)["hashed"])
+        cold_floor.append(run_worker("closure_cold", {"files": warm["paths"]}, cwd=project)["floor"])
     n = warm["files"]
     return [
         Figure(f"code hash of an unchanged {n}-file closure, relaunch in-process", "ms", warm["hashed"], 2,
                floor_name=f"stat of the {n} files", floor_samples=warm["floor"]),
-        Figure(f"code hash of an unchanged {n}-file closure, relaunch in a new process", "ms", [c["hashed"] for c in cold], 2,
-               floor_name=f"stat of the {n} files", floor_samples=[c["floor"] for c in cold]),
+        Figure(f"code hash of an unchanged {n}-file closure, relaunch in a new process", "ms", cold, 2,
+               floor_name=f"stat of the {n} files", floor_samples=cold_floor,
+               note="each side in its own fresh process; the closure comes from <storage>/.cache"),
     ]
 
 
@@ -200,7 +204,8 @@ def multiprocess(ctx: Context) -> list[Figure]:
     s = ctx.sizes
     project = fixtures.trivial_project(ctx.work / "multiprocess")
     if importlib.util.find_spec("machinable.executions.multiprocess") is not None:
-        module, which, maxtasks = "machinable.execution.multiprocess", "built-in machinable.execution.multiprocess", None
+        # one fresh worker process per experiment, like the floor's pool with maxtasksperchild=1
+        module, which, maxtasks = "machinable.execution.multiprocess", "built-in machinable.execution.multiprocess", 1
     else:
         module, which, maxtasks = "multiprocess_execution", "the template's multiprocess_execution", 1
     r = run_worker("multiprocess", {"n": s.multiprocess, "processes": s.processes, "rounds": s.rounds,

@@ -170,26 +170,33 @@ def _code_hasher() -> tuple[Any, list[Path]]:
 
 
 def closure_warm(repeat: int) -> dict[str, Any]:
-    """Relaunch in the same process: the closure was hashed before."""
+    """Relaunch in the same process: the closure was hashed before (and launched once, so a storage exists)."""
+    from machinable import get
+
+    get("closure_experiment").launch()
     code_hash, experiment = _code_hasher()
     code_hash()
     files = [experiment.project.path / rel for rel in experiment.closure.files]
     hashed, floor = interleaved(code_hash, lambda: [os.stat(f) for f in files], repeat)
-    return {"hashed": hashed, "floor": floor, "files": len(files)}
+    return {"hashed": hashed, "floor": floor, "files": len(files), "paths": [str(f) for f in files]}
 
 
-def closure_cold() -> dict[str, Any]:
-    """Relaunch in a new process: only what machinable keeps on disk can help."""
+def closure_cold(files: list[str] | None = None) -> dict[str, Any]:
+    """Relaunch in a new process: only what machinable keeps on disk can help.
+
+    With ``files``, this process measures the floor instead (the first
+    ``stat`` of each file in a fresh process), so that neither side finds
+    the other's work in its process.
+    """
+    if files is not None:
+        start = time.perf_counter()
+        for f in files:
+            os.stat(f)
+        return {"floor": (time.perf_counter() - start) * 1e3}
     code_hash, experiment = _code_hasher()
     start = time.perf_counter()
     code_hash()
-    hashed = (time.perf_counter() - start) * 1e3
-    files = [experiment.project.path / rel for rel in experiment.closure.files]
-    start = time.perf_counter()
-    for f in files:
-        os.stat(f)
-    floor = (time.perf_counter() - start) * 1e3
-    return {"hashed": hashed, "floor": floor, "files": len(files)}
+    return {"hashed": (time.perf_counter() - start) * 1e3, "files": len(experiment.closure.files)}
 
 
 # --- git ------------------------------------------------------------------------------------

@@ -366,7 +366,7 @@ class _DiskCache:
             if raw.get("scheme") != _scheme():
                 return self
             for name, (st, normalized, object_digest, imports) in raw["files"].items():
-                info = SourceFile(normalized, object_digest, tuple((n, int(level)) for n, level in imports), None, name)
+                info = SourceFile(normalized, object_digest, tuple(map(tuple, imports)), None, name)
                 self.files[name] = (tuple(st), info)
             for entry in raw["closures"]:
                 key = (entry["root"], entry["entry"], tuple(entry["exclude"]))
