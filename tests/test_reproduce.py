@@ -227,7 +227,9 @@ def test_all_with_a_sample_through_an_execution(project):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 experiments: 3 reproduced, 0 mismatch, 0 could not run." in result.stdout
 
-    sampled = run_machinable(project, "reproduce", "--all", "estimate_gravity", "--sample", "2", "--json")
+    # the spelling: a built-in execution by its short name
+    sampled = run_machinable(project, "reproduce", "--all", "estimate_gravity", "--sample", "2", "--json",
+                             "--execution", "multiprocess", "processes=2")
     assert sampled.returncode == 0, sampled.stderr
     reports = json.loads(sampled.stdout)
     assert len(reports) == 2 and all(r["ok"] and r["verdict"] == "reproduced" for r in reports)
