@@ -207,6 +207,12 @@ def remove_tree(path: Path) -> None:
     """Remove a tree that may hold read-only (sealed) records."""
     if not path.exists():
         return
+    for directory, dirs, _files in os.walk(path):  # sealed folders are read-only: open them first
+        for name in dirs:
+            try:
+                os.chmod(os.path.join(directory, name), 0o755)
+            except OSError:
+                pass
 
     def writable(func, p, _exc):  # noqa: ANN001
         os.chmod(os.path.dirname(p), 0o755)
