@@ -895,13 +895,14 @@ def _list_nothing_found(storage: Any, module: str | None, values: dict[str, str]
 _STATE_STYLE = {"finished": "green", "failed": "red", "running": "cyan", "interrupted": "yellow", "damaged": "bold red"}
 
 
-def _list_table(found: Any, wanted: list[str], capped: bool) -> None:
+def _list_table(found: Any, wanted: list[str], capped: bool) -> int:
+    """Print the matches as a table; returns how many."""
     from rich.console import Console
     from rich.table import Table
 
     rows = list(found.rows())
     if not rows:
-        return
+        return 0
     keys = _list_key_columns(rows, wanted)
     modules = {row["module"] for row in rows}
     one_module = len(modules) == 1  # then it goes in the title, leaving the width to the config
@@ -925,6 +926,7 @@ def _list_table(found: Any, wanted: list[str], capped: bool) -> None:
         total = found.count()
         if total > len(rows):
             console.print(f"[dim]{len(rows)} of {total:,} shown ({found.order} first); --limit N or --all for more.[/]")
+    return len(rows)
 
 
 def _list_experiments(filters: list[str], state: str | None, since: str | None, limit: int | None, oldest: bool,
@@ -940,8 +942,7 @@ def _list_experiments(filters: list[str], state: str | None, since: str | None, 
     shown = 0
     try:
         if terminal:
-            _list_table(found, list(values), capped)
-            shown = 1 if found.first() is not None else 0
+            shown = _list_table(found, list(values), capped)
         else:
             out = sys.stdout.buffer
             for row in found.rows():
