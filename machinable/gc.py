@@ -4,7 +4,8 @@
 
 - unfinished experiments (created, dispatched, failed, interrupted, or with an
   unreadable record) whose last activity is older than an age; never one whose
-  claim is held (it is running);
+  claim is held (it is running), nor by age one submitted to a cluster
+  scheduler and not heard of since (it may still be queued);
 - the leftovers of interrupted writes (``.tmp/`` folders, ``.*.tmp`` files)
   older than that age;
 - source objects that no stored experiment refers to.
@@ -162,6 +163,15 @@ def _last_activity(directory: Path) -> float:
         return time.time()
 
 
+def _queued(directory: Path) -> bool:
+    """Handed to a cluster scheduler and not heard of since: it may still be
+    queued (reconciliation records a vanished job as interrupted)."""
+    from machinable.ledger import Ledger
+
+    last = Ledger(directory).last()
+    return last is not None and last.get("event") == "submitted"
+
+
 def _describe(directory: Path) -> tuple[str, str]:
     """(module, state) for the report, tolerating damage."""
     from machinable.ledger import Ledger
@@ -179,6 +189,9 @@ def _collect_experiment(storage: Storage, experiment_id: str, report: GcReport, 
     if finished and cutoff is not None:
         return  # finished records are never collected by age
     if cutoff is not None and _last_activity(directory) > cutoff:
+        return
+    if cutoff is not None and _queued(directory):
+        report.kept.append(f"{experiment_id[:12]}: submitted to a scheduler (`machinable status` reconciles it; or name its id)")
         return
     module, state = _describe(directory)
     when = datetime.fromtimestamp(_last_activity(directory)).isoformat(sep=" ", timespec="seconds")

@@ -107,10 +107,11 @@ def _wait_for(proc: subprocess.Popen, storage: Path, phase: tuple[str, bytes], b
     return False
 
 
-def _launch_and_kill(project: Path, n: int, rng: random.Random, typical: float) -> str:
-    """Launch config ``n`` and SIGKILL it; returns the phase aimed at ('-' if it ended first)."""
+def _launch_and_kill(project: Path, n: int, rng: random.Random, typical: float, finished: bool) -> str:
+    """Launch config ``n`` and SIGKILL it; returns the phase aimed at ('-' if it ended first).
+    A finished experiment writes nothing more: its launch is killed at a random time."""
     storage = project / "storage"
-    phase = rng.choice(list(PHASES))
+    phase = "random" if finished else rng.choice(list(PHASES))
     target = PHASES[phase]
     before = _sizes(storage, target[0]) if target else {}
     proc = _spawn(project, n)
@@ -215,7 +216,7 @@ def test_sigkill_at_random_moments_loses_nothing(crash_project):
             n = rng.choice(unfinished)
         if n == len(configs):
             configs.append(n)
-        phases.append(_launch_and_kill(crash_project, n, rng, typical))
+        phases.append(_launch_and_kill(crash_project, n, rng, typical, _is_finished(storage, n, finished)))
         finished = _check_readable(storage, finished)
 
     # the next launch of each config sees it finished or resumes it
@@ -228,6 +229,7 @@ def test_sigkill_at_random_moments_loses_nothing(crash_project):
         assert not list(directory.rglob(".*.tmp")), "temp files of interrupted writes are cleaned up"
     results = sorted(r["n"] for r in finished.values())  # type: ignore[index]
     assert results == sorted(configs), "every config ends with exactly one finished experiment"
+    assert len(_experiment_dirs(storage)) == len(configs), "crashed launches were resumed in place, not duplicated"
     for directory in _experiment_dirs(storage):
         rows = [orjson.loads(line) for line in _complete_lines(directory / "records.jsonl")]
         assert [r["step"] for r in rows[-300:]] == list(range(300)), "the finishing attempt recorded every row"

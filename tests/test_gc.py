@@ -179,3 +179,20 @@ def test_gc_during_concurrent_launches_never_removes_a_needed_object(gc_project)
 def test_bad_age_is_a_usage_error(gc_project):
     result = run_machinable(gc_project, "gc", "--older-than", "soon")
     assert result.returncode == 2 and "Invalid age 'soon'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_experiment_queued_on_a_scheduler_is_kept_by_age(gc_project):
+    """A Slurm job may wait in the queue for days: gc keeps what was submitted
+    and not heard of since (reconciliation records vanished jobs), unless named."""
+    from machinable import get
+
+    queued = get("estimate_gravity", {"time_dilation": 4.0})
+    queued.commit()
+    queued.ledger.append("dispatched", execution={"module": "machinable.execution.slurm"})
+    queued.ledger.append("submitted", job_id="4711", log="-", script="-")
+    result = run_machinable(gc_project, "gc", "--older-than", "0")
+    assert result.returncode == 0, result.stderr
+    assert f"kept {queued.short_id}: submitted to a scheduler" in result.stdout
+    assert queued.directory.is_dir()
+    assert run_machinable(gc_project, "gc", queued.short_id).returncode == 0
+    assert not queued.directory.exists()
