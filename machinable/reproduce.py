@@ -34,7 +34,7 @@ import orjson
 from machinable.errors import MachinableError, ModuleNotFound, ReproductionError, UsageError
 from machinable.hashing import closure_of, digest_bytes, file_digest
 from machinable.ledger import Ledger
-from machinable.storage import Storage, atomic_write, read_json, read_lines, write_json
+from machinable.storage import DIR_MODE, Storage, atomic_write, read_json, read_lines, write_json
 
 REPRODUCTIONS = "reproductions"
 SHORT = 12
@@ -1041,7 +1041,7 @@ class _Attempt:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         self.path = _reproductions_folder(directory) / f"{stamp}-{uuid.uuid4().hex[:6]}"
         try:
-            self.path.mkdir()
+            self.path.mkdir(mode=DIR_MODE)
         except OSError as e:
             from machinable.storage import _storage_error
 
@@ -1053,7 +1053,7 @@ class _Attempt:
 
     def keep_output(self, log: Path) -> None:
         if log.is_file():
-            shutil.copyfile(log, self.path / "output.log")
+            atomic_write(self.path / "output.log", log.read_bytes(), what="reproduction output")  # storage file modes
 
     def close(self) -> None:
         report = self.report
@@ -1072,13 +1072,13 @@ def _reproductions_folder(directory: Path) -> Path:
     if folder.is_dir():
         return folder
     try:
-        folder.mkdir()
+        folder.mkdir(mode=DIR_MODE)
     except PermissionError:
         # a record sealed before reproductions/ was made at seal time
         mode = stat.S_IMODE(directory.stat().st_mode)
         os.chmod(directory, mode | stat.S_IWUSR)
         try:
-            folder.mkdir(exist_ok=True)
+            folder.mkdir(mode=DIR_MODE, exist_ok=True)
         finally:
             os.chmod(directory, mode)
     except FileExistsError:

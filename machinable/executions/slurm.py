@@ -166,11 +166,11 @@ class Slurm(Execution):
         return experiment.experiment_id in self.jobs
 
     def _submit(self, project: Path, storage: Path, experiments: list[Any]) -> str:
-        from machinable.storage import atomic_write
+        from machinable.storage import atomic_write, make_dirs
 
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         folder = storage / ".slurm" / f"{stamp}-{uuid.uuid4().hex[:8]}"
-        folder.mkdir(parents=True)
+        make_dirs(folder)  # never writable by others (the job script lives here)
         array = len(experiments) > 1
         script = folder / "job.sh"
         log = _sbatch_path(folder) + ("/%a.log" if array else "/job.log")
