@@ -321,6 +321,24 @@ def test_job_environment_python_and_setup_are_quoted(cluster_project, partition,
     assert until(lambda: job_name() == "odd name; true", "sacct to show the job's name")
 
 
+def test_a_refused_submission_is_reported_and_launching_again_submits(cluster_project, partition):
+    from machinable import get
+    from machinable.errors import ExecutionError
+
+    experiment = get("sleepy", {"x": 6})
+    with pytest.raises(ExecutionError) as raised:
+        with slurm("no-such-partition"):
+            experiment.launch()
+    message = str(raised.value)
+    assert "sbatch refused the job" in message and "invalid partition" in message.lower()
+    assert f"never started: {experiment.short_id}" in message and "the submission failed" in message
+    assert submitted(experiment) == []
+    with slurm(partition):
+        experiment.launch()
+    experiment.wait(timeout=60)
+    assert experiment.is_finished() and experiment.result == 36
+
+
 def test_config_is_checked_at_get_time(project):
     from machinable import get
     from machinable.errors import ConfigError

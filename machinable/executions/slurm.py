@@ -165,6 +165,9 @@ class Slurm(Execution):
     def is_submitted(self, experiment: Any) -> bool:
         return experiment.experiment_id in self.jobs
 
+    def _why_not_started(self, experiment: Any, pickling_failures: list[str]) -> str:
+        return "it was not submitted, because the submission failed (the error is above)"
+
     def _submit(self, project: Path, storage: Path, experiments: list[Any]) -> str:
         from machinable.storage import atomic_write, make_dirs
 
