@@ -27,10 +27,6 @@ fi
 python3 -m pytest "$@"
 rc=$?
 
-if ((slurm_started)); then
-    bash tests/cluster/stop_slurm.sh || true
-fi
-
 if [[ $rc == 5 ]]; then
     echo "test.sh: pytest collected no tests: that is a failure, not a pass" >&2
     exit 1
