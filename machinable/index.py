@@ -173,33 +173,46 @@ def ledger_columns(directory: Path, data: bytes) -> dict[str, Any]:
     return {"state": state, "started": started, "finished": ended, "execution": execution, "events_size": len(data)}
 
 
+def _document(path: str) -> dict[str, Any] | None:
+    """A stored JSON document as ``read_json`` accepts it, or None (missing,
+    damaged, or of a future format). Plain strings: this runs for every
+    folder of a rebuild."""
+    from machinable.storage import FORMAT
+
+    try:
+        with open(path, "rb") as f:
+            data = orjson.loads(f.read())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    fmt = data.get("format")
+    return data if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt <= FORMAT else None
+
+
 def read_row(root: Path, experiment_id: str, directory: Path | None = None) -> dict[str, Any] | None:
     """The index row of one experiment, derived from its directory alone.
 
     None if there is no directory. A directory whose ``experiment.json`` is
-    missing or damaged still gets a row (state ``damaged``), so that ``list``
-    and ``show`` can point at it.
+    missing, damaged or of a future format still gets a row (state
+    ``damaged``), so that ``list`` and ``show`` can point at it.
     """
     from machinable.config import flatten
-    from machinable.errors import StorageError
-    from machinable.storage import read_json
 
-    directory = directory if directory is not None else root / experiment_id
+    folder = os.fspath(directory) if directory is not None else os.path.join(os.fspath(root), experiment_id)
     try:
-        data = (directory / EVENTS).read_bytes()
+        with open(os.path.join(folder, EVENTS), "rb") as f:
+            data = f.read()
     except FileNotFoundError:
-        if not directory.is_dir():
+        if not os.path.isdir(folder):
             return None
         data = b""
     except OSError:
         data = b""
-    ledger = ledger_columns(directory, data)
-    try:
-        record = read_json(directory / "experiment.json")
-        config = record.get("config", {})
-        if not isinstance(config, dict):
-            raise StorageError("config is not a mapping")
-    except (FileNotFoundError, StorageError, OSError):
+    ledger = ledger_columns(Path(folder), data)
+    record = _document(os.path.join(folder, "experiment.json"))
+    config = record.get("config", {}) if record is not None else None
+    if record is None or not isinstance(config, dict):
         events = _parse_lines(data)
         created = next((e.get("time") for e in events if e.get("event") == "created"), None) or ""
         return {
@@ -207,10 +220,7 @@ def read_row(root: Path, experiment_id: str, directory: Path | None = None) -> d
             **ledger, "state": DAMAGED, "created": created, "git_commit": None, "config": "{}",
             "flat_config": {},
         }
-    try:
-        git = read_json(directory / "git.json")
-    except (FileNotFoundError, StorageError, OSError):
-        git = {}
+    git = _document(os.path.join(folder, "git.json")) or {}
     return {
         "id": experiment_id,
         "module": str(record.get("module", "")),
@@ -691,19 +701,31 @@ class Index:
             ).fetchall()
 
 
-def _read_rows(read: ReadRow, ids: list[str], chunk: int = 2000) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """(ids read so far, rows) in chunks; many directories are read by a few
-    threads at once, since reading them waits on the disk, not the CPU."""
+def _read_rows(read: ReadRow, ids: list[str], chunk: int = 1000) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(ids read so far, rows) in chunks. Many folders are read by a few
+    threads, one chunk ahead of the caller, so that reading (which waits on
+    the disk) overlaps with the caller's inserts (during which SQLite releases
+    the interpreter)."""
     if len(ids) <= chunk:
         for start in range(0, len(ids), 200):
             yield min(start + 200, len(ids)), [r for r in map(read, ids[start:start + 200]) if r is not None]
         return
     from concurrent.futures import ThreadPoolExecutor
 
+    def read_part(part: list[str]) -> list[dict[str, Any]]:
+        return [r for r in map(read, part) if r is not None]
+
+    parts = [ids[start:start + chunk] for start in range(0, len(ids), chunk)]
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="machinable-index") as pool:
-        for start in range(0, len(ids), chunk):
-            part = ids[start:start + chunk]
-            yield start + len(part), [r for r in pool.map(read, part, chunksize=50) if r is not None]
+        pending = [pool.submit(read_part, part[i::4]) for part in parts[:2] for i in range(4)]
+        done = 0
+        for k, part in enumerate(parts):
+            if k + 2 < len(parts):
+                pending += [pool.submit(read_part, parts[k + 2][i::4]) for i in range(4)]
+            mine, pending = pending[:4], pending[4:]
+            rows = [row for future in mine for row in future.result()]
+            done += len(part)
+            yield done, rows
 
 
 def _stderr_progress(title: str) -> Progress:

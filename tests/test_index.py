@@ -420,3 +420,19 @@ def test_a_damaged_record_is_listed_as_damaged_and_resolvable(flaky):
     assert row["state"] == "damaged" and row["id"] == experiment.experiment_id
     assert list(storage.find()) == []  # cannot be restored as an experiment
     assert storage.resolve(experiment.experiment_id[:8]) == experiment.experiment_id
+
+
+def test_reading_many_folders_in_parallel_chunks_gives_the_same_rows(flaky):
+    """The path a rebuild of thousands of folders takes (threads, one chunk ahead)."""
+    from machinable.index import _read_rows
+
+    storage = Storage.current()
+    for x in range(23):
+        get.new("flaky", {"x": x}).commit()
+    ids = sorted(p.name for p in storage.root.glob("?" * 32))
+    progress, rows = [], []
+    for done, part in _read_rows(storage.read_row, ids, chunk=5):
+        progress.append(done)
+        rows += part
+    assert progress == [5, 10, 15, 20, 23]
+    assert sorted(rows, key=lambda r: r["id"]) == [storage.read_row(i) for i in ids]
