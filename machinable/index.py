@@ -316,24 +316,37 @@ def _unlink(path: Path) -> None:
         pass
 
 
-_instances: dict[Path, "Index"] = {}
+_instances: dict[tuple[Path, Path | None], "Index"] = {}
+
+
+def cache_path(root: Path) -> Path:
+    """Where the index of a storage folder we cannot write to lives: the user's cache."""
+    import xxhash
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "machinable" / "indexes" / f"{xxhash.xxh3_64_hexdigest(os.fsencode(os.path.abspath(root)))}.sqlite"
 
 
 class Index:
-    """The index of one storage folder (``Index.at(root)`` shares one per folder)."""
+    """The index of one storage folder (``Index.at(root)`` shares one per folder).
 
-    def __init__(self, root: Path) -> None:
+    It lives in ``root/index.sqlite``; ``path`` puts it elsewhere (the index of
+    a read-only storage lives in the user's cache, see ``cache_path``).
+    """
+
+    def __init__(self, root: Path, path: Path | None = None) -> None:
         self.root = Path(root)
-        self.path = self.root / INDEX_FILE
+        self.path = Path(path) if path is not None else self.root / INDEX_FILE
         self._local = threading.local()
         self._synced_mtime: int | None = None
 
     @classmethod
-    def at(cls, root: Path) -> "Index":
+    def at(cls, root: Path, path: Path | None = None) -> "Index":
         root = Path(os.path.abspath(root))
-        index = _instances.get(root)
+        key = (root, path)
+        index = _instances.get(key)
         if index is None:
-            index = _instances[root] = cls(root)
+            index = _instances[key] = cls(root, path)
         return index
 
     def __repr__(self) -> str:
@@ -358,7 +371,9 @@ class Index:
     def _lock(self) -> Any:
         from machinable.storage import FileLock
 
-        return FileLock(self.root / ".locks" / "index")
+        if self.path == self.root / INDEX_FILE:
+            return FileLock(self.root / ".locks" / "index")
+        return FileLock(self.path.with_name(self.path.name + ".lock"))
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -374,8 +389,8 @@ class Index:
             with self._lock():
                 if not self.path.exists():
                     # A WAL left by a deleted index would be replayed into the new one.
-                    _unlink(self.path.with_name(INDEX_FILE + "-wal"))
-                    _unlink(self.path.with_name(INDEX_FILE + "-shm"))
+                    _unlink(self.path.with_name(self.path.name + "-wal"))
+                    _unlink(self.path.with_name(self.path.name + "-shm"))
                     return self._configure(sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False))
         return self._configure(sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False))
 
@@ -408,7 +423,7 @@ class Index:
         self.close()
         with self._lock():
             for suffix in ("", "-wal", "-shm"):
-                _unlink(self.path.with_name(INDEX_FILE + suffix))
+                _unlink(self.path.with_name(self.path.name + suffix))
         self._synced_mtime = None
 
     def recover(self) -> None:

@@ -867,11 +867,19 @@ class Storage(Element):
 
     @property
     def index(self) -> Any:
+        """The SQLite index of this storage (``index.sqlite``; for a storage we
+        may only read, such as an archive on a read-only share, one in the
+        user's cache, so that list/show/diff work there too)."""
         if self._index is None:
-            from machinable.index import Index
+            from machinable.index import Index, cache_path
 
-            self.ensure_writable()
-            self._index = Index.at(self.root)
+            try:
+                self.ensure_writable()
+                self._index = Index.at(self.root)
+            except StorageError:
+                if not self.root.is_dir() or os.access(self.root, os.W_OK):
+                    raise
+                self._index = Index.at(self.root, cache_path(self.root))
         return self._index
 
     def fresh_index(self) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pty
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -306,3 +307,32 @@ def test_global_storage_option_applies(stored, tmp_path):
     other = tmp_path / "elsewhere"
     assert ok(run_machinable(project, "--storage", str(other), "list")) == ""
     assert len(ok(run_machinable(project, "list", "--storage", str(project / "storage"))).splitlines()) == 5
+
+
+def _read_only_mount_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "a read-only bind mount needs root (CI runs these tests as root)"
+    if not shutil.which("mount") or not shutil.which("umount"):
+        return "mount/umount are not installed"
+    return None
+
+
+@pytest.mark.skipif(_read_only_mount_unavailable() is not None, reason=str(_read_only_mount_unavailable()))
+def test_list_show_and_diff_work_on_a_read_only_storage(stored, tmp_path):
+    """An archive on a read-only share: the index lives in the user's cache instead."""
+    project, experiments = stored
+    mount = tmp_path / "archive"
+    mount.mkdir()
+    subprocess.run(["mount", "--bind", str(project / "storage"), str(mount)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mount)], check=True)
+        env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+        listed = ok(run_machinable(project, "--storage", str(mount), "list", "flaky", "x=2", env=env))
+        assert [line.split("\t")[0] for line in listed.splitlines()] == [experiments["failed"].experiment_id, experiments[2].experiment_id]
+        assert ok(run_machinable(project, "--storage", str(mount), "show", experiments[3].experiment_id[:10], env=env)).startswith(
+            f"experiment {experiments[3].experiment_id}")
+        text = ok(run_machinable(project, "--storage", str(mount), "diff", experiments[1].experiment_id, experiments[3].experiment_id, env=env))
+        assert "config key x (1 -> 3)" in text
+        assert list((tmp_path / "cache" / "machinable" / "indexes").glob("*.sqlite"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
