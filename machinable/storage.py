@@ -126,7 +126,9 @@ def sync_paths(paths: list[Path]) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         _sync_pool = (os.getpid(), ThreadPoolExecutor(max_workers=8, thread_name_prefix="machinable-fsync"))
-    for future in [_sync_pool[1].submit(_fsync_path, p) for p in paths]:
+    futures = [_sync_pool[1].submit(_fsync_path, p) for p in paths[1:]]
+    _fsync_path(paths[0])  # meanwhile, here: one thread handoff less
+    for future in futures:
         future.result()
 
 
@@ -309,8 +311,6 @@ class Claim:
         self.directory = directory
         self.path = directory / CLAIM
         self.fd: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.lost = False
 
     def try_acquire(self) -> bool:
@@ -367,21 +367,20 @@ class Claim:
         os.utime(self.path)
 
     def start_heartbeat(self, interval: float | None = None) -> None:
-        interval = interval or max(0.5, min(10.0, heartbeat_timeout() / 4))
-        self._thread = threading.Thread(target=self._beat, args=(interval,), name="machinable-heartbeat", daemon=True)
-        self._thread.start()
+        _heartbeat.add(self, interval or max(0.5, min(10.0, heartbeat_timeout() / 4)))
 
-    def _beat(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            if self.fd is None:
-                return
-            try:
-                if os.fstat(self.fd).st_ino != _inode(self.path):
-                    self.lost = True
-                    return
-                os.utime(self.path)
-            except OSError:
-                pass
+    def _beat(self) -> bool:
+        """Refresh the claim's mtime; False once it is released or was taken over."""
+        if self.fd is None:
+            return False
+        try:
+            if os.fstat(self.fd).st_ino != _inode(self.path):
+                self.lost = True
+                return False
+            os.utime(self.path)
+        except OSError:
+            pass
+        return True
 
     def holds(self) -> bool:
         """Still ours: not released and not taken over after a stale heartbeat."""
@@ -393,19 +392,61 @@ class Claim:
             return False
 
     def stop_heartbeat(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        _heartbeat.remove(self)
 
     def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        _heartbeat.remove(self)
         if self.fd is not None:
             os.close(self.fd)  # closing drops the lock
             self.fd = None
+
+
+class _Heartbeat:
+    """One thread per process refreshes every claim the process holds.
+
+    (A thread per claim cost a thread start and join per launch.) Beats run
+    under the lock that ``remove`` takes, so once ``remove`` returns no beat
+    touches that claim again (nothing lands after a seal). A forked child
+    starts with an empty registry and its own thread.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._lock = threading.Condition()
+        self._due: dict[Claim, tuple[float, float]] = {}  # claim -> (next beat, interval)
+        self._pid: int | None = None
+
+    def add(self, claim: Claim, interval: float) -> None:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, args=(self._pid,), name="machinable-heartbeat", daemon=True).start()
+            self._due[claim] = (time.monotonic() + interval, interval)
+            self._lock.notify()
+
+    def remove(self, claim: Claim) -> None:
+        with self._lock:
+            self._due.pop(claim, None)
+
+    def _run(self, pid: int) -> None:
+        with self._lock:
+            while self._pid == pid:
+                now = time.monotonic()
+                for claim, (due, interval) in list(self._due.items()):
+                    if due <= now:
+                        if claim._beat():
+                            self._due[claim] = (now + interval, interval)
+                        else:
+                            del self._due[claim]
+                wake = min((due for due, _ in self._due.values()), default=now + 60.0)
+                self._lock.wait(max(0.0, wake - time.monotonic()))
+
+
+_heartbeat = _Heartbeat()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_heartbeat._reset)
 
 
 class FileLock:
