@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from machinable.storage import dumps_value, loads_value
+
 SECTIONS = ("config", "code", "git", "environment", "outputs")
 _ENV_KEYS = ("python", "implementation", "platform", "machine", "machinable", "executable")
 _UNKNOWN = object()  # a default the stored source does not spell as a literal
@@ -108,7 +110,7 @@ class Snapshot:
             if not line.strip():
                 continue
             try:
-                row = orjson.loads(line)
+                row = loads_value(line)  # record rows may hold NaN or Infinity
             except orjson.JSONDecodeError:
                 damaged += 1
                 continue
@@ -174,13 +176,22 @@ class Snapshot:
             return None
 
     @cached_property
+    def git_files(self) -> tuple[str, str]:
+        """The git state the experiment ran with: its finishing (else last) attempt's,
+        which differs from git.json/git.diff (the state at creation) after a resume
+        at another commit or with other uncommitted changes."""
+        from machinable.ledger import Ledger
+
+        return Ledger(self.directory).git_files(self.events)
+
+    @cached_property
     def git(self) -> dict[str, Any]:
-        return self._json("git.json", "git")
+        return self._json(self.git_files[0], "git")
 
     @cached_property
     def git_diff(self) -> bytes:
         try:
-            return (self.directory / "git.diff").read_bytes()
+            return (self.directory / self.git_files[1]).read_bytes()
         except FileNotFoundError:
             return b""
         except OSError as e:
@@ -242,7 +253,7 @@ class Snapshot:
         """The returned value (JSON), ``{"pickle": digest}`` for a pickled one, None if none."""
         data = self.directory / "data"
         try:
-            return orjson.loads((data / "result.json").read_bytes())
+            return loads_value((data / "result.json").read_bytes())
         except FileNotFoundError:
             pass
         except (OSError, orjson.JSONDecodeError) as e:
@@ -250,6 +261,42 @@ class Snapshot:
             return None
         pickled = self.data_files.get("result.pickle")
         return {"pickle": pickled["digest"]} if pickled else None
+
+    @cached_property
+    def result_shown(self) -> Any:
+        """The result as show and diff print it: a pickled one as ``{"pickle": digest, "repr": text}``."""
+        result = self.result
+        if isinstance(result, dict) and set(result) == {"pickle"} and "result.pickle" in self.data_files:
+            return {"pickle": result["pickle"], "repr": self.unpickled_result_repr()}
+        return result
+
+    def unpickled_result_repr(self, limit: int = 200) -> str:
+        """``repr()`` of the pickled result, loaded from this record's own folder
+        only (unpickling runs code: never from a file a symlink leads to)."""
+        import pickle
+        import sys
+
+        path = self.directory / "data" / "result.pickle"
+        try:
+            if path.is_symlink() or path.resolve().parent != (self.directory / "data").resolve():
+                return "(not loaded: data/result.pickle is a link out of the record)"
+            data = path.read_bytes()
+        except OSError as e:
+            return f"(cannot be read: {e})"
+        project = self.record.get("project")
+        added = isinstance(project, str) and Path(project).is_dir() and project not in sys.path
+        if added:
+            sys.path.insert(0, project)  # the result's classes live in the project's modules
+        try:
+            value = pickle.loads(data)  # noqa: S301 - the record's own file, as experiment.result loads it
+            text = repr(value)
+        except Exception as e:
+            return f"(a pickle of {_size(len(data))} that cannot be loaded here: {type(e).__name__}: {e})"
+        finally:
+            if added and project in sys.path:
+                sys.path.remove(project)
+        text = text.replace("\n", " ")
+        return text if len(text) <= limit else text[: limit - 3] + "..."
 
     def output_tail(self, lines: int = OUTPUT_TAIL) -> list[str]:
         try:
@@ -287,13 +334,17 @@ class Snapshot:
 
     @cached_property
     def defaults(self) -> dict[str, Any]:
-        """Config defaults as the stored module source spells them (literals only)."""
-        module = self.module.replace(".", "/")
+        """Flat config defaults as the stored sources of the import closure spell them."""
+        source = self.module_source(self.module)
+        return config_defaults(source, self.module_source) if source is not None else {}
+
+    def module_source(self, name: str) -> bytes | None:
+        """The stored source of a project module of the closure, by dotted name."""
+        module = name.replace(".", "/")
         for path in (f"{module}.py", f"{module}/__init__.py"):
             if path in self.code:
-                source = self.source(path)
-                return config_defaults(source) if source is not None else {}
-        return {}
+                return self.source(path)
+        return None
 
     def is_default(self, key: str) -> bool | None:
         """Whether a (flat) config value equals its default; None when unknown."""
@@ -310,8 +361,13 @@ class Snapshot:
         for event in self.events:
             if event.get("event") in ("finished", "failed", "interrupted"):
                 ended = event.get("time")
+        from machinable.index import attempt_durations
+
+        attempts = attempt_durations(self.events)
+        known = [seconds for seconds in attempts if seconds is not None]
         return {"created": self.record.get("timestamp"), "started": started, "ended": ended,
-                "duration": _seconds(started, ended)}
+                "duration": sum(known) if ended and known else None,
+                "attempt_durations": attempts}
 
     def _execution(self) -> str | None:
         execution = None
@@ -335,12 +391,12 @@ class Snapshot:
             "config": {k: {"value": v, "default": self.is_default(k)} for k, v in self.config.items()},
             "code": {path: entry.get("normalized") for path, entry in self.code.items() if isinstance(entry, dict)},
             "git": {k: self.git.get(k) for k in ("commit", "branch", "dirty", "changed_files", "untracked_files", "remote") if k in self.git}
-            | {"uncommitted_diff_bytes": len(self.git_diff)},
+            | {"uncommitted_diff_bytes": len(self.git_diff), "recorded_in": self.git_files[0]},
             "environment": self.environment,
             "events": self.events,
             "records": {"rows": len(self.records), "damaged_lines": self._records[1], "summary": self.records_summary},
             "data": self.data_files,
-            "result": self.result,
+            "result": self.result_shown,
             "output_tail": self.output_tail(),
             "reproductions": _reproductions_json(self.directory),
             "problems": {**self.problems, **({"record": "; ".join(self.integrity)} if self.integrity else {})},
@@ -375,7 +431,7 @@ class Snapshot:
             if times["started"]:
                 head.append(("started", _when(times["started"])))
             if times["ended"]:
-                head.append(("ended", f"{_when(times['ended'])} (took {_duration(times['duration'])})"))
+                head.append(("ended", f"{_when(times['ended'])} ({_took(times['duration'], times['attempt_durations'])})"))
             execution = self._execution()
             if execution:
                 head.append(("execution", execution))
@@ -432,8 +488,14 @@ class Snapshot:
                 parts.append(f"{len(git['changed_files'])} changed")
             if git.get("untracked_files"):
                 parts.append(f"{len(git['untracked_files'])} untracked")
-            state = f"dirty ({', '.join(parts) or 'uncommitted changes'}; {len(self.git_diff):,} byte diff recorded in git.diff)"
+            state = f"dirty ({', '.join(parts) or 'uncommitted changes'}; {len(self.git_diff):,} byte diff recorded in {self.git_files[1]})"
         out.append(f"  commit {git.get('commit') or '(none)'} on {git.get('branch') or '(detached HEAD)'}, {state}")
+        if self.git_files[0] != "git.json":
+            created = self._json("git.json", "git")
+            was = "dirty" if created.get("dirty") else "clean"
+            folder = self.git_files[0].rsplit("/", 1)[0]
+            out.append(f"  (attempt {folder.split('/')[-1]} ran with this state, recorded in {folder}/; "
+                       f"at creation: commit {created.get('commit') or '(none)'}, {was})")
         if git.get("remote"):
             out.append(f"  remote {git['remote']}")
         for path in (git.get("changed_files") or [])[:20]:
@@ -497,7 +559,7 @@ class Snapshot:
             for name, info in self.data_files.items():
                 out.append(f"  {name}  {_size(info['size'])}  {info['digest']}")
         if self.result is not None:
-            out.append(f"result  {_fmt(self.result, 200)}")
+            out.append(f"result  {_fmt(self.result_shown, 200)}")
         tail = self.output_tail()
         out += self._section(f"output (last {len(tail)} lines of output.log)" if tail else "output (empty)", "output")
         out += ["  " + line for line in tail]
@@ -526,30 +588,116 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def config_defaults(source: bytes) -> dict[str, Any]:
-    """Defaults of the ``Config`` inner class in a module's source, without running it.
+def config_defaults(source: bytes, load: Any = None) -> dict[str, Any]:
+    """Flat defaults of a module's ``Config``, read from its source without running it.
 
-    Only literal defaults are known (``x: float = 1.0``); others map to an
-    unknown marker.
+    Finds the Config nested in the element class, or assigned there
+    (``Config = Config``, ``Config = TrainConfig``: a class of the module, or
+    one imported from a project module that ``load(dotted_name)`` returns the
+    source of). Knows literal defaults (``x: float = 1.0``), ``field(default=...)``,
+    ``field(default_factory=list)`` or a lambda returning a literal, nested
+    dataclasses (``field(default_factory=Optimizer)``, keys ``optimizer.lr``)
+    and enum members; others map to an unknown marker.
     """
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
+    from machinable.config import flatten
+
+    module = _parse(source)
+    if module is None:
         return {}
-    for node in tree.body:
+    config = _find_config(module, load)
+    if config is None:
+        return {}
+    return flatten(_class_defaults(*config, load, 0))
+
+
+def _parse(source: bytes | None) -> ast.Module | None:
+    if source is None:
+        return None
+    try:
+        return ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+
+
+def _find_config(module: ast.Module, load: Any) -> tuple[ast.ClassDef, ast.Module] | None:
+    for node in module.body:
         if not isinstance(node, ast.ClassDef):
             continue
         for item in node.body:
             if isinstance(item, ast.ClassDef) and item.name == "Config":
-                defaults: dict[str, Any] = {}
-                for statement in item.body:
-                    if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name) and statement.value is not None:
-                        try:
-                            defaults[statement.target.id] = ast.literal_eval(statement.value)
-                        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-                            defaults[statement.target.id] = _UNKNOWN
-                return defaults
-    return {}
+                return item, module
+            target = item.targets[0] if isinstance(item, ast.Assign) and len(item.targets) == 1 else getattr(item, "target", None)
+            if isinstance(item, (ast.Assign, ast.AnnAssign)) and isinstance(target, ast.Name) and target.id == "Config":
+                if isinstance(item.value, ast.Name):
+                    return _class_named(module, item.value.id, load)
+    return None
+
+
+def _class_named(module: ast.Module, name: str, load: Any, depth: int = 0) -> tuple[ast.ClassDef, ast.Module] | None:
+    """The class a name means in a module: defined there, or imported from a project module."""
+    for node in module.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return node, module
+    if load is None or depth > 3:
+        return None
+    for node in module.body:
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                if (alias.asname or alias.name) == name:
+                    other = _parse(load(node.module))
+                    return _class_named(other, alias.name, load, depth + 1) if other is not None else None
+    return None
+
+
+def _class_defaults(cls: ast.ClassDef, module: ast.Module, load: Any, depth: int) -> dict[str, Any]:
+    defaults: dict[str, Any] = {}
+    for statement in cls.body:
+        if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name) and statement.value is not None:
+            defaults[statement.target.id] = _default_value(statement.value, module, load, depth)
+    return defaults
+
+
+def _default_value(node: ast.expr, module: ast.Module, load: Any, depth: int) -> Any:
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        pass
+    if depth > 5:
+        return _UNKNOWN
+    if isinstance(node, ast.Call):
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        keywords = {k.arg: k.value for k in node.keywords if k.arg}
+        if name == "field":
+            if "default" in keywords:
+                return _default_value(keywords["default"], module, load, depth + 1)
+            if "default_factory" in keywords:
+                return _factory_value(keywords["default_factory"], module, load, depth + 1)
+            return _UNKNOWN
+        found = _class_named(module, name, load) if isinstance(node.func, ast.Name) and not node.args else None
+        if found is not None:  # a nested dataclass, maybe with some values given
+            nested = _class_defaults(*found, load, depth + 1)
+            for key, value in keywords.items():
+                nested[key] = _default_value(value, module, load, depth + 1)
+            return nested
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):  # an enum member
+        found = _class_named(module, node.value.id, load)
+        if found is not None:
+            for statement in found[0].body:
+                if isinstance(statement, ast.Assign) and any(isinstance(t, ast.Name) and t.id == node.attr for t in statement.targets):
+                    return _default_value(statement.value, found[1], load, depth + 1)
+    return _UNKNOWN
+
+
+def _factory_value(node: ast.expr, module: ast.Module, load: Any, depth: int) -> Any:
+    if isinstance(node, ast.Name):
+        empty = {"list": [], "dict": {}, "tuple": (), "set": set(), "frozenset": frozenset()}
+        if node.id in empty:
+            return empty[node.id]
+        found = _class_named(module, node.id, load)
+        return _class_defaults(*found, load, depth + 1) if found is not None else _UNKNOWN
+    if isinstance(node, ast.Lambda):
+        return _default_value(node.body, module, load, depth + 1)
+    return _UNKNOWN
 
 
 def _same(value: Any, default: Any) -> bool:
@@ -681,7 +829,7 @@ class ExperimentDiff:
         if a.state != b.state:
             out["state"] = [a.state, b.state]
         if not _identical(a.result, b.result):
-            out["result"] = [a.result, b.result]
+            out["result"] = [a.result_shown, b.result_shown]
         records: dict[str, Any] = {}
         if len(a.records) != len(b.records):
             records["rows"] = [len(a.records), len(b.records)]
@@ -878,15 +1026,33 @@ def _num(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
+#: how stored configs spell the floats JSON has no literal for (``config.to_json``)
+NON_FINITE = ("nan", "inf", "-inf")
+
+
+def format_value(value: Any, width: int = 80) -> str:
+    """A config value as list, show, diff and status print it: JSON, but strings
+    quoted and floats exact; NaN and infinities (stored as "nan", "inf", "-inf")
+    bare, as Python prints them."""
+    return _fmt(value, width)
+
+
 def _fmt(value: Any, width: int = 80) -> str:
     """A value as the user wrote it: JSON, but strings quoted and floats exact."""
-    if isinstance(value, (str, float)):
+    if isinstance(value, str) and value in NON_FINITE:
+        text = value
+    elif isinstance(value, dict) and set(value) == {"pickle", "repr"}:  # Snapshot.result_shown
+        text = f"{value['repr']}  (pickled)"
+    elif isinstance(value, (str, float)):
         text = repr(value)
     else:
         try:
-            text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+            text = dumps_value(value).decode()  # NaN as NaN, not null
         except TypeError:
-            text = repr(value)
+            try:
+                text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+            except TypeError:
+                text = repr(value)
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -942,6 +1108,17 @@ def _seconds(start: Any, end: Any) -> float | None:
         return (datetime.fromisoformat(str(end)) - datetime.fromisoformat(str(start))).total_seconds() if start and end else None
     except ValueError:
         return None
+
+
+def _took(total: float | None, attempts: list[float | None]) -> str:
+    """``took 4.2s``; for a resumed run the sum of its attempts (idle time between them does not count)."""
+    if len(attempts) <= 1:
+        return f"took {_duration(total)}"
+    unknown = sum(1 for seconds in attempts if seconds is None)
+    parts = " + ".join("?" if seconds is None else _duration(seconds) for seconds in attempts)
+    if unknown:
+        return f"took at least {_duration(total or 0.0)} running, over {len(attempts)} attempts: {parts} (? = ended unnoticed)"
+    return f"took {_duration(total)} running, over {len(attempts)} attempts: {parts}"
 
 
 def _duration(seconds: float | None) -> str:

@@ -38,7 +38,7 @@ from typing import Any
 
 import orjson
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: the duration column (the sum of the attempts' run times)
 INDEX_FILE = "index.sqlite"
 EVENTS = "events.jsonl"
 _ID = re.compile(r"^[0-9a-f]{32}$")
@@ -57,6 +57,7 @@ _SCHEMA = [
         created TEXT NOT NULL,
         started TEXT,
         finished TEXT,
+        duration REAL,
         git_commit TEXT,
         execution TEXT,
         config TEXT NOT NULL,
@@ -78,7 +79,7 @@ _SCHEMA = [
 
 COLUMNS = (
     "id", "module", "config_hash", "code_hash", "seed", "state", "created",
-    "started", "finished", "git_commit", "execution", "config", "events_size",
+    "started", "finished", "duration", "git_commit", "execution", "config", "events_size",
 )
 
 _UPSERT = (
@@ -170,7 +171,49 @@ def ledger_columns(directory: Path, data: bytes) -> dict[str, Any]:
             execution = info["module"]
         elif isinstance(info, str):
             execution = info
-    return {"state": state, "started": started, "finished": ended, "execution": execution, "events_size": len(data)}
+    known = [seconds for seconds in attempt_durations(events) if seconds is not None]
+    duration = sum(known) if known else None
+    return {"state": state, "started": started, "finished": ended, "duration": duration, "execution": execution,
+            "events_size": len(data)}
+
+
+_ENDS = ("finished", "failed", "interrupted", "cancelled")
+
+
+def attempt_durations(events: list[dict[str, Any]], now: Any = None) -> list[float | None]:
+    """Seconds each attempt ran, from its ``started`` event to its end; None
+    where the end is unknown. An attempt whose process died is closed by the
+    next launch's ``interrupted`` note, written after the idle time in
+    between: its length is unknown, so a resumed run's duration is the sum of
+    what its attempts ran, never the time since the first start (likewise
+    for any end noted by a process other than the one that ran the attempt).
+    ``now`` (an aware datetime) ends an attempt still running."""
+    from datetime import datetime
+
+    def moment(text: Any) -> Any:
+        try:
+            return datetime.fromisoformat(text) if isinstance(text, str) else None
+        except ValueError:
+            return None
+
+    out: list[float | None] = []
+    current: dict[str, Any] | None = None
+    for event in events:
+        kind = event.get("event")
+        if kind == "started":
+            if current is not None:
+                out.append(None)
+            current = event
+        elif kind in _ENDS and current is not None:
+            start, end = moment(current.get("time")), moment(event.get("time"))
+            # an end noted by another process (a later launch, a scheduler check) came when it was noticed
+            by_another = (event.get("pid"), event.get("host")) != (current.get("pid"), current.get("host"))
+            out.append(None if by_another or start is None or end is None else max(0.0, (end - start).total_seconds()))
+            current = None
+    if current is not None:
+        start = moment(current.get("time"))
+        out.append(max(0.0, (now - start).total_seconds()) if now is not None and start is not None else None)
+    return out
 
 
 def _document(path: str) -> dict[str, Any] | None:

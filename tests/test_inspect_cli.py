@@ -134,9 +134,13 @@ def test_list_json_streams_one_object_per_line(stored):
 
 def test_list_says_why_nothing_matched(stored):
     project, _ = stored
-    result = run_machinable(project, "list", "flaky", "depth=3")
+    result = run_machinable(project, "list", "depth=3")
     assert result.returncode == 0 and result.stdout == ""
     assert "no experiment has config key 'depth'" in result.stderr
+    # with a module, a key its Config does not have is the launch's error
+    result = run_machinable(project, "list", "flaky", "depth=3")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("Error: Unknown config key 'depth' (value '3') for flaky.")
     result = run_machinable(project, "list", "train")
     assert "no experiment of module 'train' (stored: estimate_gravity, flaky)" in result.stderr
 
@@ -173,9 +177,86 @@ def test_list_on_a_terminal_shows_the_newest_50_and_says_so(stored):
         get.new("flaky", {"x": x}).commit()
     code, text = run_in_terminal(project, "list")
     assert code == 0, text
-    assert "50 of 51 shown (newest first); --limit N or --all for more." in text
-    code, text = run_in_terminal(project, "list", "--all")
-    assert "shown" not in text and len([line for line in text.splitlines() if re.match(r"^[0-9a-f]{12} ", line)]) == 51
+    assert "50 of 51 shown (newest first); --limit N or --no-limit for more." in text
+    for every in ("--no-limit", "--all"):  # --all: the old name, kept as a hidden alias
+        code, text = run_in_terminal(project, "list", every)
+        assert "shown" not in text and len([line for line in text.splitlines() if re.match(r"^[0-9a-f]{12} ", line)]) == 51
+    assert "--all" not in ok(run_machinable(project, "list", "--help"))
+
+
+def test_list_filters_read_values_as_the_config_types(stored):
+    """With a module, filter values go through its Config like a launch's values (and fail the same way)."""
+    project, experiments = stored
+
+    def ids(*args: str) -> list[str]:
+        return [line.split("\t")[0] for line in ok(run_machinable(project, "list", *args)).splitlines()]
+
+    finished = [experiments[x].experiment_id for x in (3, 2, 1)]
+    assert ids("flaky", "fail=no") == ids("flaky", "fail=false") == ids("flaky", "fail=0") == finished
+    assert ids("flaky", "fail=yes") == [experiments["failed"].experiment_id]
+    assert ids("flaky", "x=2.0", "--state", "finished") == [experiments[2].experiment_id]  # an int, as launch reads it
+    for args, message in [
+        (["lr=abc"], "Invalid value 'abc' for config key 'lr' of flaky: expected a float."),
+        (["fail=maybe"], "expected a bool (true/false, yes/no, on/off, 1/0)"),
+        (["LR=0.1"], "Unknown config key 'LR' (value '0.1') for flaky. Did you mean 'lr'?"),
+    ]:
+        launch = run_machinable(project, "flaky", *args)
+        listed = run_machinable(project, "list", "flaky", *args)
+        assert listed.returncode == launch.returncode == 2, listed.stderr
+        assert message in listed.stderr and listed.stderr == launch.stderr
+    # a key the Config no longer has still finds the records that have it
+    (project / "flaky.py").write_text(FLAKY.replace("        fail: bool = False\n", "").replace("self.config.fail", "False"))
+    assert ids("flaky", "fail=true") == [experiments["failed"].experiment_id]
+
+
+def test_nan_shows_the_same_in_list_show_and_status(stored):
+    project, _ = stored
+    nan = get("flaky", {"x": 9, "lr": float("nan")})
+    nan.launch()
+    (line,) = ok(run_machinable(project, "list", "flaky", "x=9")).splitlines()
+    assert line.endswith("fail=false lr=nan x=9")
+    assert ok(run_machinable(project, "list", "flaky", "lr=nan")).split("\t")[0] == nan.experiment_id
+    assert re.search(r"^  lr +nan$", ok(run_machinable(project, "show", nan.experiment_id)), re.M)
+    status = ok(run_machinable(project, "status", "flaky", "--all"))
+    assert "lr=nan" in status and "'nan'" not in status and '"nan"' not in status
+
+
+RESUMED = '''import time
+from pathlib import Path
+from machinable import Experiment
+
+
+class Resumed(Experiment):
+    def on_execute(self):
+        marker = Path(__file__).parent / "failed-once"
+        time.sleep(0.2)
+        if not marker.exists():
+            marker.write_text("")
+            raise RuntimeError("first attempt fails")
+'''
+
+
+def test_the_duration_of_a_resumed_run_is_the_sum_of_its_attempts(project):
+    import time
+    from datetime import datetime
+
+    (project / "resumed.py").write_text(RESUMED)
+    experiment = get("resumed")
+    with pytest.raises(ExecutionError):
+        experiment.launch()
+    time.sleep(1.5)  # idle between the attempts: not part of the duration
+    experiment.launch()
+    events = experiment.events()
+    starts = [datetime.fromisoformat(e["time"]) for e in events if e["event"] == "started"]
+    ends = [datetime.fromisoformat(e["time"]) for e in events if e["event"] in ("failed", "finished")]
+    attempts = [(end - start).total_seconds() for start, end in zip(starts, ends)]
+    assert len(attempts) == 2 and (ends[-1] - starts[0]).total_seconds() > sum(attempts) + 1
+    (row,) = [orjson.loads(line) for line in ok(run_machinable(project, "list", "resumed", "--json")).splitlines()]
+    assert row["duration"] == pytest.approx(sum(attempts))
+    (line,) = ok(run_machinable(project, "list", "resumed")).splitlines()
+    assert line.split("\t")[4] == f"{sum(attempts):.1f}s"
+    shown = ok(run_machinable(project, "show", experiment.experiment_id))
+    assert f"(took {sum(attempts):.1f}s running, over 2 attempts: {attempts[0]:.1f}s + {attempts[1]:.1f}s)" in shown
 
 
 def test_list_json_of_many_is_streamed_in_pages(stored):
@@ -280,7 +361,7 @@ def test_diff_of_a_code_change(stored):
 def test_index_sync_and_rebuild(stored):
     project, _ = stored
     text = ok(run_machinable(project, "index"))
-    assert "index.sqlite: 5 experiments (schema 3); already up to date." in text
+    assert "index.sqlite: 5 experiments (schema 4); already up to date." in text
     (project / "storage" / "index.sqlite").unlink()
     assert "5 experiments" in ok(run_machinable(project, "index"))
     text = ok(run_machinable(project, "index", "--rebuild"))
