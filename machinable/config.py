@@ -163,14 +163,7 @@ def make_config(cls: type, values: dict[str, Any] | None, *, where: str = "", pa
     fields = fields_of(cls)
     unknown = [key for key in values if key not in fields]
     if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(key, list(fields), n=1)
-        hint = f" Did you mean {path + close[0]!r}?" if close else ""
-        valid = ", ".join(fields) or "(none: this Config is empty)"
-        raise ConfigError(
-            f"Unknown config key {path + key!r} (value {values[key]!r}){' for ' + where if where else ''}.{hint} "
-            f"Valid keys: {valid}."
-        )
+        raise unknown_key_error(unknown[0], values[unknown[0]], list(fields), where=where, path=path, cls=cls)
     kwargs: dict[str, Any] = {}
     for name, (annotation, default) in fields.items():
         label = f"{path}{name}"
@@ -186,6 +179,63 @@ def make_config(cls: type, values: dict[str, Any] | None, *, where: str = "", pa
         raise
     except Exception as e:  # user __post_init__ validation
         raise ConfigError(f"Invalid config{' for ' + where if where else ''}: {e}") from e
+
+
+def unknown_key_error(key: str, value: Any, keys: list[str], *, where: str = "", path: str = "",
+                      cls: type | None = None) -> ConfigError:
+    """The error for a key that is not in the Config: with the closest valid key and all of them
+    (or, for an attribute of ``cls`` written without a type annotation, how to make it a key)."""
+    default = _unannotated(cls, key) if cls is not None else dataclasses.MISSING
+    if default is not dataclasses.MISSING:
+        kind = type(default).__name__ if default is not None else "Any"
+        spelled = repr(default) if len(repr(default)) <= 40 else "..."
+        return ConfigError(
+            f"Config key {path + key!r}{' of ' + where if where else ''} cannot be set: {key!r} in "
+            f"{cls.__qualname__} has no type annotation, so it is a plain class attribute, not a config key. "  # type: ignore[union-attr]
+            f"Write `{key}: {kind} = {spelled}` to make it one."
+        )
+    close = close_keys(key, keys)
+    hint = f" Did you mean {path + close[0]!r}?" if close else ""
+    valid = ", ".join(keys) or "(none: this Config is empty)"
+    return ConfigError(
+        f"Unknown config key {path + key!r} (value {value!r}){' for ' + where if where else ''}.{hint} "
+        f"Valid keys: {valid}."
+    )
+
+
+def _unannotated(cls: type, key: str) -> Any:
+    """The value of a public attribute of a Config written without an annotation
+    (``untyped = 5``), or MISSING: dataclasses ignore such attributes."""
+    if key.startswith("_"):
+        return dataclasses.MISSING
+    for klass in cls.__mro__:
+        if klass in (ConfigMixin, object) or key not in vars(klass):
+            continue
+        value = vars(klass)[key]
+        if isinstance(value, (types.FunctionType, staticmethod, classmethod, property, type)):
+            return dataclasses.MISSING  # behaviour, not a value
+        return value
+    return dataclasses.MISSING
+
+
+def close_keys(key: str, keys: list[str]) -> list[str]:
+    """The valid key a mistyped ``key`` most likely meant: case-insensitive first (``LR`` -> ``lr``)."""
+    same = [k for k in keys if k.lower() == key.lower()]
+    if same:
+        return same[:1]
+    lowered = {k.lower(): k for k in keys}
+    return [lowered[k] for k in difflib.get_close_matches(key.lower(), list(lowered), n=1)]
+
+
+def _integral_float(text: str) -> int | None:
+    """``"3.0"``/``"3e2"`` -> 3/300; None unless the text is a float holding an exact integer."""
+    try:
+        number = float(text.strip())
+    except ValueError:
+        return None
+    if math.isfinite(number) and number.is_integer() and abs(number) <= 2**53:
+        return int(number)
+    return None
 
 
 def _bad(label: str, value: Any, expected: str, where: str = "") -> ConfigError:
@@ -224,7 +274,7 @@ def coerce(value: Any, annotation: Any, label: str = "value", where: str = "") -
             return bool(value)
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
-        raise _bad(label, value, "a bool (true/false/1/0)", where)
+        raise _bad(label, value, "a bool (true/false, yes/no, on/off, 1/0)", where)
     if annotation is int:
         if isinstance(value, bool):
             raise _bad(label, value, "an int", where)
@@ -237,6 +287,9 @@ def coerce(value: Any, annotation: Any, label: str = "value", where: str = "") -
                 return int(value.strip().replace("_", ""))
             except ValueError:
                 pass
+            number = _integral_float(value)
+            if number is not None:  # "3.0" like the float 3.0 (exact integers only)
+                return number
         raise _bad(label, value, "an int", where)
     if annotation is float:
         if isinstance(value, bool):

@@ -810,7 +810,7 @@ class ExperimentDiff:
             out["uncommitted"] = {
                 "files_a": _patch_files(self.a.git_diff),
                 "files_b": _patch_files(self.b.git_diff),
-                "diff": _unified(self.a.git_diff, self.b.git_diff, f"a/git.diff ({self.a.short_id})", f"b/git.diff ({self.b.short_id})"),
+                "diff": _unified(self.a.git_diff, self.b.git_diff, f"a/{self.a.git_files[1]} ({self.a.short_id})", f"b/{self.b.git_files[1]} ({self.b.short_id})"),
             }
         return out
 

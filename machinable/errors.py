@@ -23,6 +23,10 @@ class ConfigError(UsageError):
     """A config key or value does not fit the module's ``Config``."""
 
 
+class RecordError(UsageError, ValueError):
+    """A row given to ``record()`` holds a value that JSON cannot store."""
+
+
 class ModuleNotFound(UsageError):
     """No project module (or a module without exactly one element class)."""
 

@@ -23,10 +23,11 @@ import orjson
 
 from machinable.config import canonical, config_class, make_config
 from machinable.element import Element
-from machinable.errors import CodeChangedError, ConfigError, ModuleNotFound, StorageError, StorageFormatError
+from machinable.errors import CodeChangedError, ConfigError, ModuleNotFound, RecordError, StorageError, StorageFormatError
 from machinable.hashing import CACHE, Closure, closure_of, digest, hex_of
 from machinable.ledger import Ledger
 from machinable.storage import (
+    ATTEMPTS,
     DIR_MODE,
     FILE_MODE,
     OBJECTS_LOCK,
@@ -36,9 +37,11 @@ from machinable.storage import (
     begin_seal,
     complete_seal,
     document_problem,
+    dumps_value,
     is_sealed,
     json_bytes,
     ledger_problems,
+    loads_value,
     make_dirs,
     make_temp_dir,
     publish_dir,
@@ -86,8 +89,24 @@ class ConfigView:
         return dict(self._values)
 
 
+# Seeds are ints in [0, 2**63): every one fits a signed 64-bit integer, as stored
+# JSON, SQLite and torch.manual_seed take it; numpy's legacy seeding takes the
+# seed modulo 2**32 (see seed_everything).
+SEED_LIMIT = 2**63
+
+
 def new_seed() -> int:
     return secrets.randbits(31)
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int in [0, 2**63), or a ConfigError naming it."""
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise ConfigError(f"Invalid seed {seed!r} ({type(seed).__name__}): a seed is an int from 0 to 2**63 - 1.")
+    value = int(seed.__index__())  # numpy integers too
+    if not 0 <= value < SEED_LIMIT:
+        raise ConfigError(f"Invalid seed {value}: a seed is an int from 0 to 2**63 - 1 ({SEED_LIMIT - 1}).")
+    return value
 
 
 def config_hash_of(module: str, config: Any) -> str:
@@ -162,9 +181,7 @@ class Experiment(Element):
     def __init__(self, config: dict[str, Any] | None = None, *, module: str | None = None, project: Any = None,
                  seed: int | None = None, storage: Storage | None = None) -> None:
         super().__init__(config, module=module, project=project)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ConfigError(f"Invalid seed {seed!r}: a seed is an int.")
-        self._seed = seed if seed is not None else new_seed()
+        self._seed = check_seed(seed) if seed is not None else new_seed()
         self._storage = storage
         self._timestamp = datetime.now(timezone.utc)
         self._closure: Closure | None = None
@@ -172,6 +189,7 @@ class Experiment(Element):
         self._code_hash: str | None = None
         self._execution_info: dict[str, Any] | None = None
         self._adopt_existing = False  # set by get(): see commit()
+        self._created_git: tuple[dict[str, Any], bytes] | None = None  # git.json and git.diff, when written here
 
     # --- identity ----------------------------------------------------------------
 
@@ -269,6 +287,7 @@ class Experiment(Element):
         obj._code_hash = record["code_hash"]
         obj._execution_info = None
         obj._adopt_existing = False
+        obj._created_git = None
         if element_class is not None:
             try:
                 obj._config = make_config(config_class(element_class), record["config"], where=record["module"])
@@ -451,6 +470,7 @@ class Experiment(Element):
         for path, info in closure.files.items():
             put_object(storage.root, info.raw, info.source)
         git_info, git_diff = git.capture(self.project.path, exclude=[storage.root])
+        self._created_git = (git_info, git_diff)
         tmp = make_temp_dir(storage.root)
         try:
             # the folder is published by one rename: its files need no renames of their
@@ -619,7 +639,8 @@ class Experiment(Element):
         remove_temp_files(self.directory)  # of atomic writes a crash interrupted
         if ledger.attempt_is_open():
             ledger.append("interrupted", reason="the process running it stopped without finishing")
-        ledger.append("started", attempt=attempt, execution=self._execution_info)
+        git_state = self._record_attempt_git(attempt)
+        ledger.append("started", attempt=attempt, execution=self._execution_info, git=git_state)
         _set_state(storage, self.experiment_id, "running", started=_now())
         claim.start_heartbeat()
         log = open(self.directory / "output.log", "a", encoding="utf-8", errors="replace", opener=_private_opener)
@@ -671,11 +692,51 @@ class Experiment(Element):
         _seal(self.directory)
         return "finished"
 
+    def _record_attempt_git(self, attempt: int) -> dict[str, Any]:
+        """The git state this attempt runs with, for its ``started`` event.
+
+        git.json and git.diff hold the state at creation; an attempt that runs
+        with another one (a commit or an edit since, say before resuming a failed
+        run) stores its own in ``attempts/<n>/``, before it starts. The event names
+        the files, so reproduce and show use the state the finishing attempt ran with.
+        """
+        from machinable import git
+
+        try:
+            info, diff = git.capture(self.project.path, exclude=[self.storage.root])
+        except Exception as e:  # for example no git on a cluster node: run, and say why the state is unknown
+            info, diff = {"repository": None, "note": f"the git state could not be read when attempt {attempt} started: {e}"}, b""
+        folder = self.directory / ATTEMPTS / str(attempt)
+        if (info, diff) == self._creation_git():
+            if folder.exists():  # left by a launch that crashed before its started event
+                import shutil
+
+                shutil.rmtree(folder)
+            files = ("git.json", "git.diff")
+        else:
+            make_dirs(folder)
+            atomic_write(folder / "git.json", json_bytes(info), what=f"git state of attempt {attempt}")
+            atomic_write(folder / "git.diff", diff, what=f"git diff of attempt {attempt}")
+            files = (f"{ATTEMPTS}/{attempt}/git.json", f"{ATTEMPTS}/{attempt}/git.diff")
+        return {"commit": info.get("commit"), "dirty": bool(info.get("dirty")), "json": files[0], "diff": files[1]}
+
+    def _creation_git(self) -> tuple[dict[str, Any], bytes] | None:
+        created = getattr(self, "_created_git", None)
+        if created is not None:
+            return created
+        try:
+            stored = read_json(self.directory / "git.json")
+            diff = (self.directory / "git.diff").read_bytes()
+        except (OSError, StorageError):
+            return None  # unreadable: the attempt records its own state
+        stored.pop("format", None)
+        return stored, diff
+
     def _save_result(self, result: Any) -> str | None:
         if result is None:
             return None
         try:
-            data = orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
+            data = dumps_value(result)  # NaN and infinity kept (see dumps_value)
         except TypeError:
             self.save_data("result.pickle", result)
             return "pickle"
@@ -708,7 +769,7 @@ class Experiment(Element):
     def result(self) -> Any:
         data = self.directory / "data"
         if (data / "result.json").exists():
-            return orjson.loads((data / "result.json").read_bytes())
+            return loads_value((data / "result.json").read_bytes())
         if (data / "result.pickle").exists():
             return self.load_data("result.pickle")
         return None
@@ -727,7 +788,7 @@ class Experiment(Element):
         try:
             append_line(self.directory / "records.jsonl", row, what="record", sync=False)
         except TypeError as e:
-            raise ConfigError(f"record() values must be JSON-serialisable: {e}") from None
+            raise _record_error(row, e) from None
 
     def records(self) -> "Records":
         from machinable.storage import read_lines
@@ -768,7 +829,7 @@ class Experiment(Element):
         make_dirs(path.parent)
         suffix = path.suffix.lower()
         if suffix == ".json":
-            data = orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2)
+            data = dumps_value(value, indent=True)
         elif suffix == ".npy":
             import io
 
@@ -798,7 +859,7 @@ class Experiment(Element):
             return default
         suffix = path.suffix.lower()
         if suffix == ".json":
-            return orjson.loads(path.read_bytes())
+            return loads_value(path.read_bytes())
         if suffix == ".npy":
             import numpy
 
@@ -809,7 +870,8 @@ class Experiment(Element):
         return path.read_text()
 
     def seed_everything(self) -> int:
-        """Seed random, numpy and torch (when installed) from ``self.seed``."""
+        """Seed random, numpy and torch (when installed) from ``self.seed``
+        (numpy's global seed is ``self.seed % 2**32``: its legacy seeding takes 32 bits)."""
         import random
 
         random.seed(self.seed)
@@ -886,6 +948,41 @@ class RecordsTable:
         for row in self.cells():
             table.add_row(*row)
         return table
+
+
+def _record_error(row: dict[str, Any], error: TypeError) -> RecordError:
+    """Name the key (``loss``, ``metrics.val``) and the type of what JSON cannot hold."""
+    for key, value in row.items():
+        found = _unstorable(value, key)
+        if found is not None:
+            path, what = found
+            return RecordError(
+                f"record(): {path!r} holds {what}, which cannot be stored as JSON. Record numbers, strings, "
+                "bools, None, lists and dicts with string keys (numpy values work); save other objects with save_data()."
+            )
+    return RecordError(f"record() values must be JSON-serialisable: {error}")
+
+
+def _unstorable(value: Any, path: str) -> tuple[str, str] | None:
+    """Where in ``value`` is the first part JSON cannot hold, and what it is; None if nowhere."""
+    try:
+        dumps_value(value)
+        return None
+    except TypeError:
+        pass
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return path, f"a dict key of type {type(key).__name__} ({key!r})"
+            found = _unstorable(item, f"{path}.{key}")
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _unstorable(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return path, f"a value of type {type(value).__module__ + '.' if type(value).__module__ != 'builtins' else ''}{type(value).__qualname__}"
 
 
 def _importable(name: str) -> bool:

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from machinable.storage import FORMAT, append_line, claim_is_held, now_iso, read_lines, repair_torn_tail
+from machinable.storage import ATTEMPTS, FORMAT, append_line, claim_is_held, now_iso, read_lines, repair_torn_tail
 
 EVENTS = "events.jsonl"
 
@@ -29,6 +29,7 @@ _STATE_OF = {
     "cancelled": "interrupted",
 }
 TERMINAL = {"finished", "failed", "interrupted"}
+CREATION_GIT = ("git.json", "git.diff")
 STATES = ("created", "dispatched", "running", "finished", "failed", "interrupted")
 
 
@@ -80,6 +81,27 @@ class Ledger:
     def attempts(self, events: list[dict[str, Any]] | None = None) -> int:
         return sum(1 for row in (events if events is not None else self.events()) if row.get("event") == "started")
 
+    def git_files(self, events: list[dict[str, Any]] | None = None) -> tuple[str, str]:
+        """git.json and git.diff of the state the experiment ran with, relative to its folder.
+
+        The ``started`` event of the attempt that finished (else of the last one)
+        names them: ``attempts/<n>/...`` for an attempt that ran with another git
+        state than at creation, else (and for records without per-attempt
+        states) git.json and git.diff themselves.
+        """
+        events = events if events is not None else self.events()
+        started = [row for row in events if row.get("event") == "started"]
+        finished = next((row for row in reversed(events) if row.get("event") == "finished"), None)
+        chosen = started[-1] if started else None
+        if finished is not None:
+            chosen = next((row for row in reversed(started) if row.get("attempt") == finished.get("attempt")), chosen)
+        git = chosen.get("git") if chosen is not None else None
+        if isinstance(git, dict):
+            files = (git.get("json"), git.get("diff"))
+            if files in _git_file_pairs(chosen.get("attempt")):  # never a path a damaged ledger made up
+                return files  # type: ignore[return-value]
+        return CREATION_GIT
+
     def first_time(self, event: str) -> str | None:
         for row in self.events():
             if row.get("event") == event:
@@ -91,3 +113,10 @@ class Ledger:
         if last is not None and last["event"] in ("finished", "failed"):
             return last.get("time")
         return None
+
+
+def _git_file_pairs(attempt: Any) -> list[tuple[str, str]]:
+    pairs = [CREATION_GIT]
+    if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt > 0:
+        pairs.append((f"{ATTEMPTS}/{attempt}/git.json", f"{ATTEMPTS}/{attempt}/git.diff"))
+    return pairs

@@ -5,6 +5,7 @@ Layout, one directory per experiment under the storage root::
 
     <id>/experiment.json code.json git.json git.diff env.json
         events.jsonl output.log records.jsonl data/ MANIFEST .claim
+        attempts/<n>/git.json git.diff   (a resumed attempt that ran with another git state)
     .objects/<2 hex>/<30 hex>    content-addressed source objects
     index.sqlite                 derived index (see ``machinable.index``)
 """
@@ -86,6 +87,90 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
 def json_bytes(document: dict[str, Any]) -> bytes:
     """How every stored JSON document is written: with its format, sorted, indented."""
     return orjson.dumps({"format": FORMAT, **document}, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+
+
+# --- user values: results, record rows, JSON data files ---------------------------------
+#
+# JSON has no NaN or infinity, and orjson writes them as null: a diverging loss
+# would come back as None. Documents that hold such a float are written with the
+# tokens Python's json module writes and reads (NaN, Infinity, -Infinity);
+# every other document stays strict JSON, written by orjson.
+
+_NONFINITE_TOKENS = (b"NaN", b"Infinity")
+_marker: str | None = None
+
+
+def dumps_value(value: Any, *, indent: bool = False) -> bytes:
+    """JSON bytes of a user value (numpy values included), non-finite floats kept
+    as ``NaN``/``Infinity``/``-Infinity``. Raises TypeError for what JSON cannot hold."""
+    option = orjson.OPT_SERIALIZE_NUMPY | (orjson.OPT_INDENT_2 if indent else 0)
+    data = orjson.dumps(value, default=_numpy_default, option=option)
+    if b"null" not in data:  # orjson wrote every NaN and infinity as null: none here
+        return data
+    global _marker
+    if _marker is None:  # random per process, so no user string can pass for it
+        _marker = "\x00machinable-nonfinite-" + uuid.uuid4().hex + ":"
+    marked, found = _mark_nonfinite(value, _marker)
+    if not found:
+        return data
+    data = orjson.dumps(marked, default=_numpy_default, option=option)
+    quoted = orjson.dumps(_marker)[:-1]  # the marker as orjson spells it, opening quote included
+    for token in (b"NaN", b"Infinity", b"-Infinity"):
+        data = data.replace(quoted + token + b'"', token)
+    return data
+
+
+def _numpy_default(value: Any) -> Any:
+    """What orjson's numpy support leaves out (float16 scalars, say), as Python values."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"Type is not JSON serializable: {type(value).__module__}.{type(value).__qualname__}")
+
+
+def _mark_nonfinite(value: Any, marker: str) -> tuple[Any, bool]:
+    """A copy of ``value`` with each NaN/infinity replaced by ``marker + token``
+    (the marker is swapped for the bare token in the JSON text)."""
+    if isinstance(value, float):
+        if value != value:
+            return marker + "NaN", True
+        if value in (float("inf"), float("-inf")):
+            return marker + ("Infinity" if value > 0 else "-Infinity"), True
+        return value, False
+    if isinstance(value, dict):
+        out, found = {}, False
+        for key, item in value.items():
+            out[key], hit = _mark_nonfinite(item, marker)
+            found = found or hit
+        return (out, True) if found else (value, False)
+    if isinstance(value, (list, tuple)):
+        items = [_mark_nonfinite(item, marker) for item in value]
+        return ([item for item, _ in items], True) if any(hit for _, hit in items) else (value, False)
+    if type(value).__module__ == "numpy" and getattr(getattr(value, "dtype", None), "kind", "-") in ("f", "O"):
+        marked, found = _mark_nonfinite(value.tolist(), marker)  # numpy floats (scalars, arrays) as Python floats
+        return (marked, True) if found else (value, False)
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        marked, found = _mark_nonfinite(fields, marker)
+        return (marked, True) if found else (value, False)
+    return value, False
+
+
+def loads_value(data: bytes) -> Any:
+    """A value written by ``dumps_value`` (strict JSON, or JSON with NaN/Infinity tokens)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        if not any(token in data for token in _NONFINITE_TOKENS):
+            raise
+        import json
+
+        try:
+            return json.loads(data)
+        except ValueError:
+            pass
+        raise
 
 
 def write_unpublished(path: Path, data: bytes, *, what: str | None = None) -> None:
@@ -186,7 +271,7 @@ def append_line(path: Path, row: dict[str, Any], *, what: str = "event", sync: b
     """
     import fcntl
 
-    line = orjson.dumps(row) + b"\n"
+    line = dumps_value(row) + b"\n"
     try:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)
         try:
@@ -231,7 +316,7 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            row = orjson.loads(line)
+            row = loads_value(line)  # record rows may hold NaN or Infinity
         except orjson.JSONDecodeError:
             continue
         if isinstance(row, dict):
@@ -510,6 +595,7 @@ def claim_is_held(directory: Path) -> bool:
 SEALING = ".sealing"  # exists from just before the finished event until the MANIFEST is written
 _UNSEALED = {CLAIM, ".claim.takeover", MANIFEST, SEALING}
 REPRODUCTIONS = "reproductions"  # added beside a sealed record; not part of it
+ATTEMPTS = "attempts"  # attempts/<n>/git.json, git.diff: the git state of an attempt that ran with another than git.json's
 
 
 def manifest_files(directory: Path) -> Iterator[Path]:
@@ -701,7 +787,7 @@ def _lines_problems(path: Path, what: str) -> tuple[list[dict[str, Any]], list[s
     rows, bad = [], []
     for number, line in enumerate(data.split(b"\n")[:-1], 1):
         try:
-            row = orjson.loads(line)
+            row = loads_value(line)
         except orjson.JSONDecodeError:
             row = None
         if isinstance(row, dict):

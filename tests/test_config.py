@@ -135,7 +135,7 @@ def test_the_template_typo_from_the_issue(plain_project):
         ({"rate": True}, ["True", "'rate'"]),
         ({"steps": 2.5}, ["2.5", "'steps'", "an int"]),
         ({"steps": "three"}, ["'three'", "'steps'"]),
-        ({"flag": "maybe"}, ["'maybe'", "'flag'", "true/false/1/0"]),
+        ({"flag": "maybe"}, ["'maybe'", "'flag'", "true/false, yes/no, on/off, 1/0"]),
         ({"flag": 2}, ["2", "'flag'"]),
         ({"name": 5}, ["5", "'name'", "a string"]),
         ({"layers": '[1, "x"]'}, ["'x'", "'layers[1]' of typed"]),
@@ -244,3 +244,55 @@ def test_coerce_refuses_overflowing_floats_and_non_finite_ints():
     with pytest.raises(ConfigError):
         coerce(float("inf"), int, "x")
     assert coerce("nan", float, "x") != coerce("nan", float, "x")  # NaN parses, and stays NaN
+
+
+UNTYPED = """
+from dataclasses import dataclass, field
+from machinable import Experiment
+
+@dataclass
+class Inner:
+    depth: int = 1
+    width = 4
+
+class Untyped(Experiment):
+    {decorator}
+    class Config:
+        typed: int = 1
+        untyped = 5
+        nothing = None
+        inner: Inner = field(default_factory=Inner)
+
+        def helper(self):
+            return 1
+"""
+
+
+@pytest.mark.parametrize("decorator", ["", "@dataclass"])
+def test_an_unannotated_attribute_is_named_with_the_annotation_to_write(plain_project, decorator):
+    (plain_project / "untyped.py").write_text(UNTYPED.replace("{decorator}", decorator))
+    with pytest.raises(ConfigError) as raised:
+        get("untyped", {"untyped": 6})
+    assert str(raised.value) == (
+        "Config key 'untyped' of untyped cannot be set: 'untyped' in Untyped.Config has no type annotation, "
+        "so it is a plain class attribute, not a config key. Write `untyped: int = 5` to make it one."
+    )
+    with pytest.raises(ConfigError, match=r"Write `nothing: Any = None`"):
+        get("untyped", {"nothing": 1})
+    with pytest.raises(ConfigError, match=r"'inner.width' of untyped cannot be set: 'width' in Inner has no type annotation.*`width: int = 4`"):
+        get("untyped", {"inner.width": 8})
+    with pytest.raises(ConfigError, match=r"Unknown config key 'helper'"):  # a method is not a forgotten annotation
+        get("untyped", {"helper": 1})
+    assert get("untyped").config.untyped == 5  # unset, it stays a class attribute
+
+
+def test_the_command_line_names_an_unannotated_attribute_as_a_usage_error(plain_project):
+    from conftest import run_machinable
+
+    (plain_project / "untyped.py").write_text(UNTYPED.replace("{decorator}", ""))
+    result = run_machinable(plain_project, "untyped", "untyped=3")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "Error: Config key 'untyped' of untyped cannot be set: 'untyped' in Untyped.Config has no type annotation, "
+        "so it is a plain class attribute, not a config key. Write `untyped: int = 5` to make it one."
+    )

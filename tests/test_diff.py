@@ -143,6 +143,42 @@ def test_uncommitted_changes_are_compared(train):
     assert "++UNUSED = 1" in git_section["uncommitted"]["diff"]
 
 
+READER = """from pathlib import Path
+
+from machinable import Experiment
+
+
+class Reader(Experiment):
+    def on_execute(self):
+        return Path("value.txt").read_text()
+"""
+
+
+def test_show_and_diff_use_the_git_state_the_finishing_attempt_ran_with(train):
+    (train / "reader.py").write_text(READER)
+    commit_all(train, "reader")
+    commit = git(train, "rev-parse", "HEAD").strip()
+    resumed = get("reader")
+    with pytest.raises(Exception, match="value.txt"):
+        resumed.launch()
+    (train / "value.txt").write_text("uncommitted value\n")
+    resumed.launch()  # attempt 2, with value.txt untracked
+    replica = get.new("reader")
+    replica.launch()  # created and run with value.txt untracked
+
+    shown = Snapshot.of(resumed)
+    text = shown.render()
+    assert f"commit {commit} on main, dirty (1 untracked; " in text and "recorded in attempts/2/git.diff)" in text
+    assert "  ? value.txt" in text
+    assert f"(attempt 2 ran with this state, recorded in attempts/2/; at creation: commit {commit}, clean)" in text
+    as_json = shown.as_json()["git"]
+    assert as_json["dirty"] is True and as_json["untracked_files"] == ["value.txt"]
+    assert as_json["recorded_in"] == "attempts/2/git.json" and as_json["uncommitted_diff_bytes"] > 0
+    assert "attempt 2 ran with" not in Snapshot.of(replica).render()
+    # both ran with the same tree: the git section has nothing to tell apart
+    assert diff(resumed, replica).sections["git"] == {}
+
+
 def test_environment_section_lists_package_changes(train):
     a = launched()
     (train / "helpers.py").write_text("import xxhash\n\n" + HELPERS)
@@ -269,6 +305,97 @@ def test_records_summary_and_table(train):
         assert repr(table) == str(table)
     else:
         assert list(table.columns) == ["epoch", "loss"] and len(table) == 3
+
+
+CONFIGURED = '''import enum
+from dataclasses import dataclass, field
+
+from machinable import Experiment
+
+
+class Mode(enum.Enum):
+    FAST = "fast"
+    SLOW = "slow"
+
+
+@dataclass
+class Optimizer:
+    lr: float = 0.01
+    momentum: float = 0.9
+
+
+class Config:
+    epochs: int = field(default=3)
+    tags: list = field(default_factory=lambda: ["a", "b"])
+    names: list = field(default_factory=list)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    mode: Mode = Mode.FAST
+
+
+class Configured(Experiment):
+    Config = Config
+
+    def on_execute(self):
+        return Point(self.config.epochs)
+
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+    def __repr__(self):
+        return f"Point(x={self.x})"
+'''
+
+SETTINGS = '''class Shared:
+    width: int = 8
+'''
+
+
+def test_defaults_are_marked_for_a_module_level_config_factories_and_nested_dataclasses(project):
+    (project / "configured.py").write_text(CONFIGURED)
+    commit_all(project, "configured")
+    experiment = get("configured", {"optimizer.lr": 0.1})
+    experiment.launch()
+    snapshot = Snapshot.of(experiment)
+    marks = {key: entry["default"] for key, entry in snapshot.as_json()["config"].items()}
+    assert marks == {"epochs": True, "tags": True, "names": True, "optimizer.lr": False, "optimizer.momentum": True,
+                     "mode": True}
+    text = str(snapshot)
+    assert "  epochs              3  (default)" in text and "  optimizer.lr        0.1\n" in text
+    other = get("configured", {"epochs": 4, "tags": ["c"], "mode": "SLOW"})
+    other.launch()
+    marks = {key: entry["default"] for key, entry in Snapshot.of(other).as_json()["config"].items()}
+    assert {key for key, default in marks.items() if not default} == {"epochs", "tags", "mode"}
+
+
+def test_a_config_imported_from_another_project_module():
+    sources = {"settings": SETTINGS.encode()}
+    source = b"from settings import Shared\nfrom machinable import Experiment\n\nclass E(Experiment):\n    Config = Shared\n"
+    assert config_defaults(source, sources.get) == {"width": 8}
+    assert config_defaults(source) == {}  # without the other module's source: unknown
+
+
+def test_a_pickled_result_shows_as_its_repr(project):
+    (project / "configured.py").write_text(CONFIGURED)
+    commit_all(project, "configured")
+    a = get("configured")
+    a.launch()
+    b = get("configured", {"epochs": 5})
+    b.launch()
+    snapshot = Snapshot.of(a)
+    assert "result  Point(x=3)  (pickled)" in str(snapshot)
+    digest = snapshot.data_files["result.pickle"]["digest"]
+    assert snapshot.as_json()["result"] == {"pickle": digest, "repr": "Point(x=3)"}
+    assert "  result: Point(x=3)  (pickled) -> Point(x=5)  (pickled)" in str(diff(a, b))
+    # only the record's own file is loaded: a link out of the folder is not followed
+    writable(a.directory)
+    pickled = a.directory / "data" / "result.pickle"
+    outside = project / "elsewhere.pickle"
+    outside.write_bytes(pickled.read_bytes())
+    pickled.unlink()
+    pickled.symlink_to(outside)
+    assert "not loaded: data/result.pickle is a link out of the record" in str(Snapshot.of(a))
 
 
 def test_summary_and_defaults_helpers():

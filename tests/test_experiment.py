@@ -17,7 +17,7 @@ import pytest
 from machinable import Storage, get
 from machinable.errors import CodeChangedError, ConfigError, ExecutionError, StorageError
 
-from conftest import run_python
+from conftest import git, run_python
 
 
 def write(root: Path, rel: str, source: str) -> Path:
@@ -664,3 +664,217 @@ def test_bad_input_never_leaves_a_half_made_record(project):
     assert record_files() == before
     assert [d.name for d in storage.glob("[0-9a-f]" * 32)] == [get("estimate_gravity").experiment_id]
     assert not any((storage / ".tmp").iterdir())
+
+
+# --- the git state of each attempt ------------------------------------------------------------
+
+READER = """
+    from pathlib import Path
+    from machinable import Experiment
+
+    class Reader(Experiment):
+        def on_execute(self):
+            return Path("value.txt").read_text().strip()
+"""
+
+
+def _commit_all(project: Path, message: str) -> str:
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", message)
+    return git(project, "rev-parse", "HEAD").strip()
+
+
+def test_a_resume_at_a_later_commit_records_that_commit_with_its_attempt(project):
+    write(project, "reader.py", READER)
+    created = _commit_all(project, "reader")
+    experiment = get("reader")
+    with pytest.raises(ExecutionError, match="value.txt"):
+        experiment.launch()
+    (project / "value.txt").write_text("42\n")
+    resumed = _commit_all(project, "value")
+    experiment.launch()
+
+    assert experiment.result == "42"
+    directory = experiment.directory
+    started = [e["git"] for e in experiment.events() if e["event"] == "started"]
+    assert started == [
+        {"commit": created, "dirty": False, "json": "git.json", "diff": "git.diff"},
+        {"commit": resumed, "dirty": False, "json": "attempts/2/git.json", "diff": "attempts/2/git.diff"},
+    ]
+    assert json.loads((directory / "attempts/2/git.json").read_text())["commit"] == resumed
+    assert (directory / "attempts/2/git.diff").read_bytes() == b""
+    assert not (directory / "attempts/1").exists()  # attempt 1 ran with the state at creation
+    assert json.loads((directory / "git.json").read_text())["commit"] == created  # git.json: the state at creation
+    _, problems = Storage.current().verify([experiment.experiment_id])
+    assert problems == []  # the attempt's files are sealed with the record
+    assert "attempts/2/git.json" in json.loads((directory / "MANIFEST").read_text())["files"]
+
+
+def test_a_resume_with_uncommitted_changes_records_them_with_its_attempt(project):
+    write(project, "reader.py", READER)
+    commit = _commit_all(project, "reader")
+    experiment = get("reader")
+    with pytest.raises(ExecutionError):
+        experiment.launch()
+    (project / "value.txt").write_text("uncommitted 42\n")
+    experiment.launch()
+
+    assert experiment.result == "uncommitted 42"
+    directory = experiment.directory
+    resumed = [e["git"] for e in experiment.events() if e["event"] == "started"][-1]
+    assert resumed == {"commit": commit, "dirty": True, "json": "attempts/2/git.json", "diff": "attempts/2/git.diff"}
+    state = json.loads((directory / "attempts/2/git.json").read_text())
+    assert (state["dirty"], state["untracked_files"], state["changed_files"]) == (True, ["value.txt"], [])
+    assert b"+uncommitted 42" in (directory / "attempts/2/git.diff").read_bytes()
+    assert json.loads((directory / "git.json").read_text())["dirty"] is False
+    assert (directory / "git.diff").read_bytes() == b""
+
+
+def test_a_resume_with_the_state_at_creation_writes_no_attempt_folder(project):
+    write(project, "once.py", """
+        from pathlib import Path
+        from machinable import Experiment
+
+        class Once(Experiment):
+            def on_execute(self):
+                marker = Path("__pycache__") / "failed-once"  # ignored by git: the tree stays as it was
+                if not marker.exists():
+                    marker.parent.mkdir(exist_ok=True)
+                    marker.touch()
+                    raise RuntimeError("the first attempt fails")
+                return "second attempt"
+    """)
+    commit = _commit_all(project, "once")
+    experiment = get("once")
+    with pytest.raises(ExecutionError, match="first attempt"):
+        experiment.launch()
+    get("once").launch()  # from a fresh object: compared with the stored git.json and git.diff
+
+    assert experiment.result == "second attempt"
+    started = [e["git"] for e in experiment.events() if e["event"] == "started"]
+    assert started == [{"commit": commit, "dirty": False, "json": "git.json", "diff": "git.diff"}] * 2
+    assert not (experiment.directory / "attempts").exists()
+
+
+# --- NaN and infinity -------------------------------------------------------------------------
+
+DIVERGING = """
+    import numpy
+    from machinable import Experiment
+
+    class Diverging(Experiment):
+        class Config:
+            bare: bool = False
+
+        def on_execute(self):
+            self.record(step=0, loss=float("nan"), grad=float("inf"))
+            self.record(step=1, loss=numpy.float32("nan"), weights=numpy.array([numpy.inf, 0.5]),
+                        stats={"low": -float("inf"), "history": [1.0, float("nan")], "label": "NaN"})
+            self.save_data("metrics.json", {"loss": float("nan"), "ok": None})
+            if self.config.bare:
+                return float("nan")
+            return {"loss": float("nan"), "bounds": (float("-inf"), float("inf")), "scale": numpy.float64("inf"), "none": None}
+"""
+
+
+def test_nan_and_infinity_come_back_from_results_records_and_json_data(project):
+    import math
+
+    pytest.importorskip("numpy")
+    write(project, "diverging.py", DIVERGING)
+    experiment = get("diverging")
+    experiment.launch()
+    inf = float("inf")
+
+    result = experiment.result
+    assert math.isnan(result["loss"]) and result["bounds"] == [-inf, inf] and result["scale"] == inf and result["none"] is None
+    first, second = experiment.records()
+    assert math.isnan(first["loss"]) and first["grad"] == inf and first["step"] == 0
+    assert math.isnan(second["loss"]) and second["weights"] == [inf, 0.5]
+    assert second["stats"]["low"] == -inf and math.isnan(second["stats"]["history"][1]) and second["stats"]["label"] == "NaN"
+    metrics = experiment.load_data("metrics.json")
+    assert math.isnan(metrics["loss"]) and metrics["ok"] is None
+
+    # the files spell them as Python's json module does, and it reads them back
+    directory = experiment.directory
+    assert (directory / "data" / "result.json").read_text() == (
+        '{"loss":NaN,"bounds":[-Infinity,Infinity],"scale":Infinity,"none":null}'
+    )
+    rows = [json.loads(line) for line in (directory / "records.jsonl").read_text().splitlines()]
+    assert math.isnan(rows[1]["stats"]["history"][1]) and rows[0]["grad"] == inf
+    assert math.isnan(json.loads((directory / "data" / "metrics.json").read_text())["loss"])
+    _, problems = Storage.current().verify([experiment.experiment_id])
+    assert problems == []
+
+    bare = get("diverging", {"bare": True})
+    bare.launch()
+    assert math.isnan(bare.result)
+    assert (bare.directory / "data" / "result.json").read_bytes() == b"NaN"
+
+
+def test_show_prints_nan_and_infinity_as_stored(project):
+    pytest.importorskip("numpy")
+    write(project, "diverging.py", DIVERGING)
+    experiment = get("diverging")
+    experiment.launch()
+    from machinable.diff import Snapshot
+
+    shown = Snapshot.of(experiment).render()
+    assert 'result  {"loss":NaN,"bounds":[-Infinity,Infinity],"scale":Infinity,"none":null}' in shown
+    assert '"history":[1.0,NaN]' in shown
+
+
+# --- seeds ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 99999999999999999999999, 1.5, "42", True])
+def test_invalid_seeds_are_refused_at_get_naming_the_value(project, seed):
+    for make in (get, get.new):
+        with pytest.raises(ConfigError, match="seed") as raised:
+            make("estimate_gravity", seed=seed)
+        assert repr(seed) in str(raised.value) or str(seed) in str(raised.value)
+        assert "2**63" in str(raised.value)
+    assert not (project / "storage").exists()
+
+
+def test_the_largest_seed_and_numpy_integer_seeds_launch(project):
+    numpy = pytest.importorskip("numpy")
+    largest = get("estimate_gravity", {"verbose": False}, seed=2**63 - 1)
+    largest.launch()
+    assert largest.is_finished() and get("estimate_gravity", {"verbose": False}, seed=2**63 - 1) == largest
+    assert largest.seed_everything() == 2**63 - 1
+    assert get("estimate_gravity", seed=numpy.int64(7)).seed == 7
+    assert type(get("estimate_gravity", seed=numpy.int64(7)).seed) is int
+
+
+# --- record() errors --------------------------------------------------------------------------
+
+
+def test_record_names_the_key_and_the_type_it_cannot_store(project):
+    from machinable.errors import RecordError, UsageError
+
+    assert issubclass(RecordError, UsageError) and issubclass(RecordError, ValueError)
+    assert not issubclass(RecordError, ConfigError)
+    write(project, "recorder.py", """
+        from machinable import Experiment
+        from machinable.errors import RecordError
+
+        class Recorder(Experiment):
+            def on_execute(self):
+                messages = []
+                for row in ({"p": object()}, {"metrics": {"val": [1.0, {2, 3}]}}, {"counts": {1: 2}}):
+                    try:
+                        self.record(step=1, **row)
+                    except RecordError as error:
+                        messages.append(str(error))
+                self.record(step=2, ok=1.0)
+                return messages
+    """)
+    experiment = get("recorder")
+    experiment.launch()
+    first, nested, key = experiment.result
+    assert first.startswith("record(): 'p' holds a value of type object, which cannot be stored as JSON.")
+    assert "save_data()" in first
+    assert nested.startswith("record(): 'metrics.val[1]' holds a value of type set,")
+    assert key.startswith("record(): 'counts' holds a dict key of type int (1),")
+    assert list(experiment.records()) == [{"step": 2, "ok": 1.0}]  # a refused row leaves nothing behind

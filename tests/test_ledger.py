@@ -101,3 +101,29 @@ def test_times_of_the_first_start_and_the_end(tmp_path):
     finished = ledger.append("finished")
     assert ledger.first_time("started") == started["time"]
     assert ledger.end_time() == finished["time"]
+
+
+def _started(attempt, files):
+    return {"event": "started", "attempt": attempt, "git": {"commit": "c", "dirty": False, "json": files[0], "diff": files[1]}}
+
+
+ATTEMPT_2 = ("attempts/2/git.json", "attempts/2/git.diff")
+
+
+def test_git_files_are_those_the_finishing_attempt_names(tmp_path):
+    ledger = Ledger(tmp_path)
+    creation = ("git.json", "git.diff")
+    assert ledger.git_files([]) == creation
+    assert ledger.git_files([{"event": "started", "attempt": 1}]) == creation  # a record without per-attempt states
+    two = [_started(1, creation), {"event": "failed", "attempt": 1}, _started(2, ATTEMPT_2)]
+    assert ledger.git_files(two) == ATTEMPT_2  # unfinished: the last attempt
+    assert ledger.git_files([*two, {"event": "finished", "attempt": 2}]) == ATTEMPT_2
+    # a finished attempt 1 whose late events follow it (another launch's started, say): still attempt 1's
+    assert ledger.git_files([_started(1, creation), {"event": "finished", "attempt": 1}, _started(2, ATTEMPT_2)]) == creation
+
+
+def test_git_files_never_lead_outside_the_attempt_folders(tmp_path):
+    ledger = Ledger(tmp_path)
+    for files in [("../../other/git.json", "../../other/git.diff"), ("/etc/passwd", "/etc/passwd"),
+                  ("attempts/3/git.json", "attempts/3/git.diff"), ("attempts/2/git.json", "experiment.json")]:
+        assert ledger.git_files([_started(2, files), {"event": "finished", "attempt": 2}]) == ("git.json", "git.diff")

@@ -22,7 +22,9 @@ from machinable.storage import (
     append_line,
     atomic_write,
     claim_is_held,
+    dumps_value,
     get_object,
+    loads_value,
     put_object,
     read_json,
     read_lines,
@@ -244,6 +246,49 @@ def test_json_lines_round_trip_and_a_torn_tail_is_never_read(tmp_path_factory, r
     assert read_lines(path) == rows
     data = path.read_bytes()
     assert not data or data.endswith(b"\n")
+
+
+def _same(a, b) -> bool:
+    """Equal, with NaN equal to NaN and 0.0 told from -0.0."""
+    if isinstance(a, float) and isinstance(b, float):
+        return repr(a) == repr(b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.text(max_size=8) | st.sampled_from(["NaN", "Infinity", "-Infinity", "\x00machinable-nonfinite-NaN", "null"]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES, st.booleans())
+def test_user_values_round_trip_exactly_nan_and_infinity_included(value, indent):
+    data = dumps_value(value, indent=indent)
+    assert _same(loads_value(data), value)
+    assert _same(json.loads(data), value)  # the stdlib reads what is written, NaN and infinity included
+    if b"NaN" not in data and b"Infinity" not in data:
+        orjson.loads(data)  # documents without them stay strict JSON
+
+
+def test_numpy_values_round_trip_nan_and_infinity_included():
+    numpy = pytest.importorskip("numpy")
+    value = {"f32": numpy.float32("nan"), "f64": numpy.float64("-inf"), "array": numpy.array([[1.5, numpy.nan], [numpy.inf, 0.0]]),
+             "ints": numpy.arange(3), "nested": [{"x": numpy.float16("inf")}]}
+    data = dumps_value(value)
+    assert data == b'{"f32":NaN,"f64":-Infinity,"array":[[1.5,NaN],[Infinity,0.0]],"ints":[0,1,2],"nested":[{"x":Infinity}]}'
+    assert _same(loads_value(data), {"f32": float("nan"), "f64": -float("inf"), "array": [[1.5, float("nan")], [float("inf"), 0.0]],
+                                     "ints": [0, 1, 2], "nested": [{"x": float("inf")}]})
+    with pytest.raises(TypeError):
+        dumps_value({"p": object()})
+    with pytest.raises(orjson.JSONDecodeError):
+        loads_value(b'{"a": NaN')  # damaged stays damaged
 
 
 def test_objects_are_content_addressed(tmp_path):
