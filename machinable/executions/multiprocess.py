@@ -16,7 +16,7 @@ from typing import Any
 
 from machinable.errors import ConfigError
 from machinable.execution import Execution
-from machinable.executions.process import interrupt_once, stop
+from machinable.executions.process import CtrlC, interrupt_once, stop
 
 START_METHODS = ("fork", "spawn", "forkserver")
 
@@ -61,29 +61,36 @@ class Multiprocess(Execution):
         parallel = self.processes > 1 and len(self.experiments) > 1
         queue = list(self.experiments)
         running: dict[int, tuple[Any, Any]] = {}  # sentinel -> (worker, experiment)
-        try:
-            while queue or running:
-                while queue and len(running) < self.processes:
-                    experiment = queue.pop(0)
-                    prefix = f"[{experiment.short_id}] " if parallel else ""
-                    worker = context.Process(target=run, args=(experiment, prefix), name=f"machinable-{experiment.short_id}")
-                    worker.start()
-                    running[worker.sentinel] = (worker, experiment)
-                for sentinel in wait(list(running)):
-                    worker, experiment = running.pop(sentinel)  # type: ignore[call-overload]
-                    worker.join()
-                    self.record_exit(experiment, worker.exitcode)
-        except KeyboardInterrupt:
-            stop([(worker.pid, worker.is_alive) for worker, _ in running.values()], self.config.grace)
-            raise
+        with CtrlC() as ctrl_c:
+            try:
+                while queue or running:
+                    while queue and len(running) < self.processes:
+                        ctrl_c.check()
+                        experiment = queue.pop(0)
+                        prefix = f"[{experiment.short_id}] " if parallel else ""
+                        worker = context.Process(target=run, args=(experiment, prefix), name=f"machinable-{experiment.short_id}")
+                        worker.start()
+                        running[worker.sentinel] = (worker, experiment)
+                    ready = wait(list(running) + ([ctrl_c.fd] if ctrl_c.fd is not None else []))
+                    ctrl_c.check()  # first: after Ctrl-C, the report settles the workers that exited meanwhile
+                    for sentinel in ready:
+                        if sentinel in running:
+                            worker, experiment = running.pop(sentinel)  # type: ignore[call-overload]
+                            worker.join()
+                            self.record_exit(experiment, worker.exitcode)
+            except KeyboardInterrupt:
+                stop([(worker.pid, worker.is_alive) for worker, _ in running.values()], self.config.grace, ctrl_c.hurried)
+                for worker, _ in running.values():
+                    worker.join(timeout=1.0)  # reaped: multiprocessing's exit handler joins its children without a timeout
+                raise
 
 
 def run(experiment: Any, prefix: str = "") -> None:
     """In the worker: run one experiment (module-level, so that it pickles)."""
-    interrupt_once()
-    if prefix:
-        os.environ["MACHINABLE_OUTPUT_PREFIX"] = prefix
     try:
+        interrupt_once()
+        if prefix:
+            os.environ["MACHINABLE_OUTPUT_PREFIX"] = prefix
         experiment()
     except KeyboardInterrupt:
         sys.exit(130)
