@@ -327,7 +327,16 @@ class _ClosureMemo:
     closure: Closure
 
     def still_valid(self) -> bool:
-        return all(_stat_or_none(p) == s for p, s in self.stamps.items())
+        for path, expected in self.stamps.items():  # the hot loop of every relaunch: kept plain
+            try:
+                st = os.stat(path)
+            except OSError:
+                if expected is not None:
+                    return False
+                continue
+            if expected is None or expected != (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino):
+                return False
+        return True
 
 
 _closures: dict[tuple[str, str, tuple[str, ...]], _ClosureMemo] = {}
