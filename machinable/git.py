@@ -83,6 +83,25 @@ def _repo(worktree: Path) -> Any:
     return git.Repo(worktree)
 
 
+def _status(worktree: Path, excludes: list[str]) -> str:
+    """``git status`` as a plain subprocess: a clean tree needs no GitPython (whose
+    import costs more than the status itself in a fresh process, a worker's say)."""
+    import subprocess
+
+    args = ["git", "status", "--porcelain=v1", "-z", "--untracked-files=all", "--ignored=matching", "--", ".", *excludes]
+    try:
+        proc = subprocess.run(args, cwd=worktree, capture_output=True, stdin=subprocess.DEVNULL)
+    except OSError as e:
+        from machinable.errors import GitError
+
+        raise GitError(f"Could not run git to record the state of {worktree}: {e}. Install git, or work outside a repository.") from e
+    if proc.returncode != 0:
+        from machinable.errors import GitError
+
+        raise GitError(f"`git status` failed in {worktree}: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout.decode("utf-8", "surrogateescape")  # as GitPython decodes
+
+
 def _remote_url(common_dir: Path) -> str | None:
     config = common_dir / "config"
     if not config.is_file():
@@ -115,7 +134,6 @@ def capture(start: Path, exclude: list[Path] | None = None) -> tuple[dict[str, A
     head = read_head(start)
     if head is None:
         return {"repository": False, "note": "not inside a git repository"}, b""
-    repo = _repo(head.worktree)
     excludes = []
     excluded_dirs = []
     for path in exclude or []:
@@ -129,11 +147,11 @@ def capture(start: Path, exclude: list[Path] | None = None) -> tuple[dict[str, A
     started = time.time()
     # --ignored=matching lists ignored folders without descending into them: the
     # snapshot needs them to know what not to watch
-    status = repo.git.status("--porcelain=v1", "-z", "--untracked-files=all", "--ignored=matching", "--", ".", *excludes)
+    status = _status(head.worktree, excludes)
     changed, untracked = _parse_status(status)
     diff = b""
     if changed or untracked:
-        diff = _full_diff(repo, head, excludes)
+        diff = _full_diff(_repo(head.worktree), head, excludes)
     info = {
         "repository": True,
         "worktree": str(head.worktree),

@@ -133,12 +133,15 @@ def test_gitpython_is_imported_only_when_needed(project):
         "read_head(Path('.'))\n"
         "print('git' in sys.modules)\n"
         "from machinable.git import capture\n"
-        "capture(Path('.'))\n"
-        "print('git' in sys.modules)\n"
+        "info, diff = capture(Path('.'))\n"
+        "print(info['dirty'], 'git' in sys.modules)\n"  # a clean tree: `git status` alone
+        "Path('notes.txt').write_text('new')\n"
+        "info, diff = capture(Path('.'))\n"
+        "print(info['dirty'], 'git' in sys.modules)\n"  # a diff to take: GitPython
     )
     proc = run_python(project, code)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["False", "True"]
+    assert proc.stdout.split() == ["False", "False", "False", "True", "True"]
 
 
 def test_a_project_inside_a_larger_repository(tmp_path, monkeypatch):
