@@ -619,7 +619,8 @@ def init(
 @app.command("status", short_help="Which recorded results are fresh or stale against the current code.")
 def status_command(
     modules: Annotated[Optional[list[str]], typer.Argument(metavar="[MODULE]...", help="Only these modules.", show_default=False)] = None,
-    check: Annotated[bool, typer.Option("--check", help="Exit 1 unless every config has a finished record with the current code.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 unless every config has a finished record with the current code (and there is at least one).")] = False,
+    allow_empty: Annotated[bool, typer.Option("--allow-empty", help="With --check: pass when there are no records at all.")] = False,
     every: Annotated[bool, typer.Option("--all", help="One row per experiment (default: one per config, its newest record).")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh every --interval seconds until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option("--interval", metavar="SECONDS", min=0.1, help="Refresh interval of --watch.")] = 5.0,
@@ -630,10 +631,13 @@ def status_command(
     Stale rows name the changed files of the module's import closure (comments,
     whitespace and docstrings do not count). Dispatched experiments are
     reconciled with their execution (for example the Slurm queue) first.
+    With --check, finding no records fails too, unless --allow-empty.
     """
+    import shutil
     import time
 
-    from machinable.reproduce import status
+    from machinable.errors import MachinableError
+    from machinable.reproduce import nothing_to_check, status
 
     def show() -> Any:
         report = status(modules or None, every=every)
@@ -641,14 +645,18 @@ def status_command(
             import orjson
 
             _out(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode())
-        else:
-            if watch and sys.stdout.isatty():
+        elif not (report.empty and check and not allow_empty):  # that case is the error below
+            terminal = sys.stdout.isatty()
+            if watch and terminal:
                 print("\033[2J\033[H", end="")
-            _out(report.render())
+            _out(report.render(width=shutil.get_terminal_size().columns if terminal else None))
         return report
 
     if not watch:
-        if not show().ok and check:
+        report = show()
+        if check and report.empty and not allow_empty:
+            raise MachinableError(nothing_to_check(report.nothing_found()))
+        if check and not report.ok:
             raise typer.Exit(1)
         return
     try:
@@ -665,7 +673,8 @@ def reproduce_command(
         Optional[list[str]],
         typer.Argument(metavar="[ID | MODULE...] [KEY=VALUE]...", help="An experiment id (prefix), or with --all the modules to cover; KEY=VALUE pairs configure --execution.", show_default=False),
     ] = None,
-    check: Annotated[bool, typer.Option("--check", help="Exit 1 if any output does not reproduce.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 if any output does not reproduce (with --all: or if there is nothing to reproduce).")] = False,
+    allow_empty: Annotated[bool, typer.Option("--allow-empty", help="With --all --check: pass when there is no finished experiment.")] = False,
     rtol: Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance for numbers (result, records, JSON and .npy data).")] = 0.0,
     atol: Annotated[float, typer.Option("--atol", min=0.0, help="Absolute tolerance for numbers.")] = 0.0,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the worktree and scratch storage for inspection.")] = False,
@@ -680,12 +689,18 @@ def reproduce_command(
     compare result, records, data files (and --compare-output); record the
     attempt in <id>/reproductions/. The original record is never modified.
     """
-    from machinable.errors import UsageError
-    from machinable.reproduce import reproduce, reproduce_all
+    from machinable.errors import MachinableError, UsageError
+    from machinable.reproduce import missing_storage, nothing_to_check, reproduce, reproduce_all
 
     names = [t for t in targets or [] if "=" not in t]
-    pairs = parse_module_args([execution, *[t for t in targets or [] if "=" in t]])[0].values if execution else {}
-    if not execution and any("=" in t for t in targets or []):
+    pairs: dict[str, Any] = {}
+    if execution:
+        from machinable.project import Project
+        from machinable.reproduce import resolve_execution
+
+        pairs = parse_module_args([execution, *[t for t in targets or [] if "=" in t]])[0].values
+        pairs = _typed_values(resolve_execution(Project.get(), execution)[1], pairs)  # as the launch command types them
+    elif any("=" in t for t in targets or []):
         raise UsageError("KEY=VALUE pairs configure an execution: give --execution NAME first (e.g. --execution multiprocess processes=4).")
     options = dict(check=True, rtol=rtol, atol=atol, keep=keep, compare_output=compare_output,
                    execution=execution, execution_config=pairs, echo=not as_json)
@@ -707,10 +722,16 @@ def reproduce_command(
         counts = {v: sum(r.verdict == v for r in reports) for v in ("reproduced", "mismatch", "error")}
         _out(f"{len(reports)} experiment{'s' if len(reports) != 1 else ''}: "
              f"{counts['reproduced']} reproduced, {counts['mismatch']} mismatch, {counts['error']} could not run.")
-    else:
+    if every and not reports:
         from machinable.storage import Storage
 
-        _out(f"No finished experiments to reproduce in {Storage.current().root}.")
+        root = Storage.current().root
+        of = f" of {', '.join(names)}" if names else ""
+        found = f"no finished experiments{of} in {root}" if root.is_dir() else missing_storage(root)
+        if check and not allow_empty:
+            raise MachinableError(nothing_to_check(found))
+        if not as_json:
+            _out(f"{found[0].upper()}{found[1:]}: nothing to reproduce.")
     if check and not all(r.ok for r in reports):
         raise typer.Exit(1)
 
@@ -739,7 +760,11 @@ def verify_command(
             _out(str(problem))
         damaged = sorted({p.experiment_id for p in problems})
         noun = "experiment" if len(checked) == 1 else "experiments"
-        if problems:
+        if not checked:
+            from machinable.reproduce import missing_storage
+
+            _out(f"Nothing to verify: {missing_storage(storage.root) if not storage.root.is_dir() else f'no experiments in {storage.root}'}.")
+        elif problems:
             _out(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {len(damaged)} of {len(checked)} {noun} "
                  f"({storage.root}). A damaged record cannot be repaired: launch its config anew with another seed, "
                  "and `machinable gc --include-finished ID` removes the damaged one.")

@@ -31,10 +31,10 @@ from typing import Any
 
 import orjson
 
-from machinable.errors import MachinableError, ModuleNotFound, ReproductionError, UsageError
+from machinable.errors import ExperimentNotFound, MachinableError, ModuleNotFound, ReproductionError, UsageError
 from machinable.hashing import closure_of, digest_bytes, file_digest
 from machinable.ledger import Ledger
-from machinable.storage import DIR_MODE, Storage, atomic_write, read_json, read_lines, write_json
+from machinable.storage import DIR_MODE, Storage, atomic_write, dumps_value, loads_value, read_json, read_lines, write_json
 
 REPRODUCTIONS = "reproductions"
 SHORT = 12
@@ -86,10 +86,17 @@ class StatusReport:
     per: str  # "config" or "experiment"
     rows: list[StatusRow]
     drift: dict[str, list[str]] = field(default_factory=dict)  # module -> package/python changes
+    exists: bool = True  # whether the storage folder exists at all
+    modules: list[str] = field(default_factory=list)  # the module filter, if any
 
     @property
     def ok(self) -> bool:
+        """No stale or unfinished row (``--check`` also fails when there is no row: see ``empty``)."""
         return all(row.ok for row in self.rows)
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows
 
     @property
     def stale(self) -> list[StatusRow]:
@@ -102,29 +109,39 @@ class StatusReport:
     def as_json(self) -> dict[str, Any]:
         return {
             "storage": str(self.storage),
+            "exists": self.exists,
             "per": self.per,
             "ok": self.ok,
             "rows": [row.as_json() for row in self.rows],
             "drift": self.drift,
         }
 
-    def render(self) -> str:
+    def nothing_found(self) -> str:
+        """Why there are no rows: where status looked, for whom."""
+        if not self.exists:
+            return missing_storage(self.storage)
+        of = f" of {', '.join(self.modules)}" if self.modules else ""
+        return f"no experiments{of} recorded in {self.storage}"
+
+    def render(self, width: int | None = None) -> str:
+        """The table; ``width`` (a terminal's) caps the REASON column, the only unbounded one."""
         if not self.rows:
-            return f"No experiments recorded in {self.storage}: nothing to check."
+            text = self.nothing_found()
+            return text[0].upper() + text[1:] + "."
         varying = _varying_keys(self.rows)
-        lines = _table(
-            ["ID", "MODULE", "CONFIG", "STATE", "STATUS"],
-            [
-                [
-                    row.id[:SHORT],
-                    row.module,
-                    _config_text(row.config, varying.get(row.module, [])),
-                    row.state + (f" ({_shorten(row.reason, 60)})" if row.reason else ""),
-                    _status_text(row),
-                ]
-                for row in self.rows
-            ],
-        )
+        headers = ["ID", "MODULE", "CONFIG", "STATE", "STATUS"]
+        cells = [
+            [row.id[:SHORT], row.module, _config_text(row.config, varying.get(row.module, [])), row.state, _status_text(row)]
+            for row in self.rows
+        ]
+        if any(row.reason for row in self.rows):
+            # its own last column, so that a long reason widens no other column
+            used = sum(max(len(h), *(len(c[i]) for c in cells)) + 2 for i, h in enumerate(headers))
+            limit = max(24, width - used) if width else 100
+            headers.append("REASON")
+            for row, line in zip(self.rows, cells):
+                line.append(_shorten(row.reason, limit) if row.reason else "")
+        lines = _table(headers, cells)
         unit = ("config" if self.per == "config" else "experiment") + ("s" if len(self.rows) != 1 else "")
         counts = [f"{sum(r.verdict == v for r in self.rows)} {v}" for v in ("fresh", "stale", "unfinished")]
         lines.append(f"{len(self.rows)} {unit}: {', '.join(counts)}.")
@@ -133,10 +150,59 @@ class StatusReport:
         return "\n".join(lines)
 
 
-def _status_text(row: StatusRow) -> str:
+def _status_text(row: StatusRow, most: int = 3) -> str:
     if row.verdict == "stale":
-        return f"stale: {', '.join(row.changed) or 'code changed'}"
+        named = ", ".join(row.changed[:most]) or "code changed"
+        more = f" (+{len(row.changed) - most} more)" if len(row.changed) > most else ""
+        return f"stale: {named}{more}"
     return "fresh" if row.verdict == "fresh" else "no finished run"
+
+
+def missing_storage(root: Path) -> str:
+    return f"no storage at {root} (run machinable from the project root, or pass --storage PATH if the records are elsewhere)"
+
+
+def nothing_to_check(found: str) -> str:
+    """The ``--check`` failure when there is nothing to check (``found`` says where it looked)."""
+    return (
+        f"Nothing to check: {found}. In CI, commit the records to check (git add --force storage "
+        "':!storage/index.sqlite*') or restore them in an earlier step, and point --storage (or MACHINABLE_STORAGE) "
+        "at them if they are elsewhere. Pass --allow-empty if no records are expected."
+    )
+
+
+def check_modules(project: Any, storage: Storage, modules: Sequence[str] | None) -> list[str]:
+    """Normalised module names; an unknown one (neither recorded nor in the project) is a usage error."""
+    import difflib
+
+    names = [project.normalize_name(m) for m in modules or []]
+    if not names:
+        return names
+    stored = stored_modules(storage)
+    for name in names:
+        if name in stored:
+            continue
+        try:
+            project.module_file(name)
+            continue
+        except ModuleNotFound:
+            pass
+        known = sorted(set(stored) | set(project.available_modules()))
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else f" Known modules: {', '.join(known)}." if known else ""
+        where = f"no experiments of it in {storage.root}" if storage.root.is_dir() else missing_storage(storage.root)
+        raise ModuleNotFound(
+            f"Unknown module {name!r}: no {name.replace('.', '/')}.py in the project {project.path}, and {where}.{hint}"
+        )
+    return names
+
+
+def stored_modules(storage: Storage) -> set[str]:
+    """The modules with experiments in ``storage`` (none if it does not exist; never creates it)."""
+    if not storage.root.is_dir():
+        return set()
+    db = storage.fresh_index().db
+    return {row[0] for row in db.execute("SELECT DISTINCT module FROM experiments WHERE module != ''")}
 
 
 def status(modules: Sequence[str] | None = None, *, every: bool = False, reconcile: bool = True,
@@ -154,10 +220,11 @@ def status(modules: Sequence[str] | None = None, *, every: bool = False, reconci
 
     project = project or Project.get()
     storage = storage or Storage.current()
-    report = StatusReport(storage=storage.root, per="experiment" if every else "config", rows=[])
-    if not storage.root.is_dir():
+    names = check_modules(project, storage, modules)
+    report = StatusReport(storage=storage.root, per="experiment" if every else "config", rows=[],
+                          exists=storage.root.is_dir(), modules=names)
+    if not report.exists:
         return report
-    names = [project.normalize_name(m) for m in modules or []]
     records = _load_rows(storage, names)
     if not records:
         return report
@@ -198,8 +265,15 @@ def _load_rows(storage: Storage, modules: list[str]) -> list[dict[str, Any]]:
 
 
 def _refresh_states(storage: Storage, project: Any, records: list[dict[str, Any]], reconcile: bool) -> None:
-    """States from the ledgers (the index may lag), then from the schedulers."""
+    """States from the ledgers (the index may lag), then from the schedulers.
+
+    Asked are the experiments an execution dispatched that are still
+    dispatched or running by their ledger, and the interrupted ones whose last
+    dispatch was non-blocking (a cancelled cluster job leaves an interrupted
+    run behind; the scheduler can say why).
+    """
     by_execution: dict[str, list[dict[str, Any]]] = {}
+    blocking: dict[str, bool] = {}
     for rec in records:
         if rec["state"] == "finished":
             continue  # terminal, and sealed: the index cannot lag behind it
@@ -213,8 +287,9 @@ def _refresh_states(storage: Storage, project: Any, records: list[dict[str, Any]
         elif rec["state"] == "interrupted":
             rec["reason"] = last.get("reason")
         rec["execution"] = _dispatched_by(events)
-        if raw in ("dispatched", "running") and rec["execution"]:
-            by_execution.setdefault(rec["execution"], []).append(rec)
+        module = rec["execution"]
+        if module and (raw in ("dispatched", "running") or raw == "interrupted" and not _is_blocking(project, module, blocking)):
+            by_execution.setdefault(module, []).append(rec)
     if not reconcile:
         return
     for module, group in by_execution.items():
@@ -222,6 +297,16 @@ def _refresh_states(storage: Storage, project: Any, records: list[dict[str, Any]
             if info:
                 rec["state"] = str(info.get("state") or rec["state"])
                 rec["reason"] = info.get("reason") or rec["reason"]
+
+
+def _is_blocking(project: Any, module: str, cache: dict[str, bool]) -> bool:
+    """Whether an execution waits for its experiments (one that cannot be loaded counts as blocking)."""
+    if module not in cache:
+        try:
+            cache[module] = bool(execution_class(project, module).blocking)
+        except Exception:  # gone or broken: its interrupted runs keep their recorded reason
+            cache[module] = True
+    return cache[module]
 
 
 def _dispatched_by(events: list[dict[str, Any]]) -> str | None:
@@ -401,10 +486,12 @@ class ReproductionReport:
     record: Path | None = None  # <id>/reproductions/<time>/
     kept: Path | None = None  # the worktree, with --keep
     output_tail: str = ""
+    interrupted: bool = False  # Ctrl-C stopped it before its verdict
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.state == "finished" and all(c.match for c in self.comparisons)
+        return (self.error is None and not self.interrupted and self.state == "finished"
+                and all(c.match for c in self.comparisons))
 
     @property
     def mismatches(self) -> list[Comparison]:
@@ -414,6 +501,8 @@ class ReproductionReport:
     def verdict(self) -> str:
         if self.error is not None:
             return "error"
+        if self.interrupted:
+            return "interrupted"
         if not self.checked:
             return "re-executed" if self.state == "finished" else "failed"
         return "reproduced" if self.ok else "mismatch"
@@ -429,6 +518,9 @@ class ReproductionReport:
         lines = [f"{self.experiment_id[:SHORT]} {self.module} at {where}"]
         if self.error is not None:
             lines.append(f"  cannot reproduce: {self.error}")
+        if self.interrupted:
+            lines.append("  interrupted (Ctrl-C): no verdict; the attempt is recorded as interrupted")
+            return "\n".join(lines)
         rows = [[c.item, "match" if c.match else "MISMATCH", c.detail] for c in self.comparisons]
         if rows:
             lines.extend("  " + line for line in _table(["OUTPUT", "", "DETAIL"], rows, header=False))
@@ -473,10 +565,13 @@ def reproduce(experiment: Any, *, check: bool = True, rtol: float = 0.0, atol: f
     history, the recorded diff does not apply); the attempt is still recorded.
     """
     storage, project = _context(experiment, storage, project)
+    spec = _execution_spec(project, execution, execution_config)  # a bad one fails before any worktree exists
+    if not storage.root.is_dir():
+        raise ExperimentNotFound(f"No experiment {experiment if isinstance(experiment, str) else experiment.experiment_id!r}: "
+                                 f"{missing_storage(storage.root)}.")
     original = _original(storage, experiment if isinstance(experiment, str) else experiment.experiment_id)
     report = _reproduce_group([original], storage=storage, project=project, check=check, rtol=rtol, atol=atol,
-                              keep=keep, compare_output=compare_output, execution=_execution_spec(project, execution, execution_config),
-                              echo=echo)[0]
+                              keep=keep, compare_output=compare_output, execution=spec, echo=echo)[0]
     if report.error is not None:
         raise ReproductionError(report.error)
     return report
@@ -492,7 +587,8 @@ def reproduce_all(modules: Sequence[str] | None = None, *, sample: int | None = 
     Experiments recorded from the same commit and diff share one worktree;
     with ``execution`` each worktree's experiments run through that execution
     (in one separate process), otherwise each in its own process. Reports
-    come back in order and, as each is ready, to ``on_report``.
+    come back in order and, as each is ready, to ``on_report``. Ctrl-C stops
+    at once: the attempts under way are recorded as interrupted.
     """
     import random
 
@@ -504,8 +600,9 @@ def reproduce_all(modules: Sequence[str] | None = None, *, sample: int | None = 
         raise UsageError(f"Invalid --sample {sample}: give a positive number of experiments.")
     spec = _execution_spec(project, execution, execution_config)
     ids: list[str] = []
-    for module in [project.normalize_name(m) for m in modules or []] or [None]:
-        ids.extend(e.experiment_id for e in storage.find(module, state="finished"))
+    for module in check_modules(project, storage, modules) or [None]:
+        if storage.root.is_dir():  # find() would create it
+            ids.extend(e.experiment_id for e in storage.find(module, state="finished"))
     if sample is not None and sample < len(ids):
         ids = random.sample(ids, sample)
     groups: dict[tuple[str, str, str], list[_Original]] = {}
@@ -551,6 +648,8 @@ def describe_attempt(verdict: dict[str, Any]) -> str:
         return f"could not run: {_shorten(verdict.get('error'), 120)}"
     if kind == "incomplete":
         return "incomplete (the attempt stopped before its verdict)"
+    if kind == "interrupted":
+        return "interrupted (Ctrl-C) before its verdict"
     first = next((c for c in comparisons if not c.get("match")), None)
     if first is not None:
         return f"{kind}: {matched} of {len(comparisons)} match{tolerance}; {first.get('item')}: {_shorten(first.get('detail'), 100)}"
@@ -570,40 +669,81 @@ def _original(storage: Storage, experiment_id: str) -> _Original:
     experiment_id = storage.resolve(experiment_id)
     directory = storage.directory(experiment_id)
     record = read_json(directory / "experiment.json")
-    state = Ledger(directory).state()
+    ledger = Ledger(directory)
+    events = ledger.events()
+    state = ledger.state(events)
     if state != "finished":
         raise UsageError(
             f"Experiment {experiment_id[:SHORT]} ({record['module']}) is {state}: only finished experiments can be "
             "reproduced. Launch it to finish it first."
         )
+    git_json, git_diff = ledger.git_files(events)  # the state the finishing attempt ran with (a resume may differ from git.json)
     try:
-        git_info = read_json(directory / "git.json")
+        git_info = read_json(directory / git_json)
     except FileNotFoundError:
         git_info = {"repository": False}
     try:
-        diff = (directory / "git.diff").read_bytes()
+        diff = (directory / git_diff).read_bytes()
     except FileNotFoundError:
         diff = b""
     return _Original(experiment_id, directory, record, git_info, diff)
 
 
 def _execution_spec(project: Any, name: str | None, config: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Resolve ``--execution NAME`` (a project module, or a built-in such as ``multiprocess``)."""
-    from machinable.project import BUILTINS
+    """Resolve and validate ``--execution NAME key=value...`` here, before any worktree exists.
 
+    NAME is a project module or a built-in (``multiprocess`` for
+    ``machinable.execution.multiprocess``); its config is checked as
+    ``get()`` checks it. The spec carries the config as given: the
+    reproduction process may hold an older version of a project execution
+    (the one at the recorded commit), whose defaults are its own.
+    """
     if not name:
         if config:
             raise UsageError("key=value pairs configure an execution: give --execution NAME before them.")
         return None
+    module, cls = resolve_execution(project, name)
+    cls(dict(config or {}), module=module, project=project)  # ConfigError names a bad key or value
+    if not cls.blocking:
+        raise UsageError(
+            f"Execution {module!r} does not wait for its experiments (it submits them, like a cluster): "
+            "reproduce compares the outputs when the run ends, so give an execution that waits, such as process or multiprocess."
+        )
+    return {"module": module, "config": dict(config or {})}
+
+
+def resolve_execution(project: Any, name: str) -> tuple[str, type]:
+    """``(module, Execution class)`` for a project module or a built-in execution's (short) name."""
+    import difflib
+
+    from machinable.execution import Execution
+    from machinable.project import BUILTINS
+
     name = project.normalize_name(name)
+    builtins = {n.rsplit(".", 1)[1]: n for n in BUILTINS if n.startswith("machinable.execution.")}
     try:
         project.module_file(name)
     except ModuleNotFound:
-        builtin = f"machinable.execution.{name}"
-        if builtin not in BUILTINS:
-            raise
-        name = builtin
-    return {"module": name, "config": dict(config or {})}
+        if name in builtins:
+            name = builtins[name]
+        elif name not in BUILTINS:
+            known = sorted(set(project.available_modules()) | set(builtins))
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ModuleNotFound(
+                f"Unknown execution {name!r}: no {name.replace('.', '/')}.py in the project {project.path} and no built-in "
+                f"of that name (built-ins: {', '.join(sorted(builtins))}).{hint}"
+            ) from None
+    try:
+        cls = project.element_class(name)
+    except MachinableError:
+        raise
+    except Exception as e:  # the user's module fails to import
+        raise ModuleNotFound(f"Execution module {name!r} cannot be imported: {type(e).__name__}: {e}") from e
+    if not issubclass(cls, Execution):
+        raise ModuleNotFound(f"{name!r} holds {cls.__name__}, which is not an execution: --execution takes an execution "
+                             "module, such as multiprocess or one of the project's.")
+    return name, cls
 
 
 # --- one worktree ---------------------------------------------------------------------
@@ -638,7 +778,8 @@ class _Checkout:
 
     def __exit__(self, *exc: object) -> None:
         if not self.keep:
-            self.remove()
+            with _deferred_interrupts():  # a second Ctrl-C must not leave a worktree behind
+                self.remove()
 
     def remove(self) -> None:
         from machinable import git
@@ -666,12 +807,13 @@ def _reproduce_group(group: list[_Original], *, storage: Storage, project: Any, 
         for o in group
     }
     attempts: dict[str, _Attempt] = {}
+    begun: set[str] = set()
 
     def done(original: _Original) -> None:
         attempt = attempts.pop(original.id, None)
         if attempt is not None:
             attempt.close()
-            if on_report is not None:
+            if on_report is not None and not reports[original.id].interrupted:
                 on_report(reports[original.id])
 
     try:
@@ -681,6 +823,7 @@ def _reproduce_group(group: list[_Original], *, storage: Storage, project: Any, 
         with _Checkout(repo, commit, group[0].diff, group[0].project_rel, keep) as checkout:
             batches = [group] if execution is not None else [[o] for o in group]
             for i, batch in enumerate(batches):
+                begun.update(o.id for o in batch)
                 _run(checkout, i, batch, reports, execution, project.path, echo)
                 for original in batch:
                     report = reports[original.id]
@@ -694,9 +837,22 @@ def _reproduce_group(group: list[_Original], *, storage: Storage, project: Any, 
         for original in group:
             if original.id in attempts:
                 reports[original.id].error = str(e)
+    except KeyboardInterrupt:
+        # no verdict for the runs under way (recorded as interrupted); the rest were never attempted
+        with _deferred_interrupts():
+            for original in group:
+                if original.id in attempts and original.id not in begun:
+                    attempts.pop(original.id).discard()
+                elif original.id in attempts:
+                    reports[original.id].interrupted = True
+        if echo and attempts:
+            print(f"machinable: reproduce interrupted; {len(attempts)} attempt{'s' if len(attempts) != 1 else ''} "
+                  "recorded as interrupted.", file=sys.stderr, flush=True)
+        raise
     finally:
-        for original in group:
-            done(original)
+        with _deferred_interrupts():
+            for original in group:
+                done(original)
     return [reports[o.id] for o in group]
 
 
@@ -764,8 +920,9 @@ def _child(spec_path: Path, spec: dict[str, Any], cwd: Path, prefix: str, echo: 
     if not cwd.is_dir():
         return {}, -1, f"the project folder {cwd} does not exist at the recorded commit"
     tail: deque[str] = deque(maxlen=40)
+    # its own process group: Ctrl-C reaches it (and its workers) once, from here, see _stop
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace")
+                            text=True, errors="replace", start_new_session=True)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -774,10 +931,12 @@ def _child(spec_path: Path, spec: dict[str, Any], cwd: Path, prefix: str, echo: 
                 sys.stdout.write(prefix + line)
                 sys.stdout.flush()
         rc = proc.wait()
+    except KeyboardInterrupt:
+        _stop(proc, prefix if echo else None)
+        raise
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            _kill_group(proc)
     try:
         results = orjson.loads(results_path.read_bytes())
     except (FileNotFoundError, orjson.JSONDecodeError):
@@ -785,12 +944,77 @@ def _child(spec_path: Path, spec: dict[str, Any], cwd: Path, prefix: str, echo: 
     return results, rc, "".join(tail)
 
 
+STOP_GRACE = 10.0  # seconds the reproduction process gets to end its run after Ctrl-C
+
+
+def _stop(proc: subprocess.Popen[str], prefix: str | None) -> None:
+    """Pass Ctrl-C on to the reproduction process group and let it end its run;
+    kill it after ``STOP_GRACE`` seconds or at a second Ctrl-C."""
+    import signal
+
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=STOP_GRACE)
+        if prefix is not None and rest:
+            sys.stdout.write("".join(prefix + line for line in rest.splitlines(keepends=True)))
+            sys.stdout.flush()
+    except (KeyboardInterrupt, subprocess.TimeoutExpired, ProcessLookupError):
+        pass
+    finally:
+        with _deferred_interrupts():
+            _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """End the reproduction process and whatever it started (workers run in the worktree about to be removed)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+class _deferred_interrupts:
+    """Hold Ctrl-C back while cleanup runs (in the main thread); it is raised right after."""
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self.caught = False
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self.previous = signal.signal(signal.SIGINT, self._catch)
+
+    def _catch(self, *args: object) -> None:
+        self.caught = True
+
+    def __exit__(self, exc_type: Any, *rest: object) -> None:
+        import signal
+
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
+        if self.caught and exc_type is None:
+            raise KeyboardInterrupt
+
+
 def _child_main() -> None:
     """Entry point of the reproduction process (cwd: the worktree's project folder)."""
+    try:
+        _child_run(Path(sys.argv[1]))
+    except KeyboardInterrupt:  # passed on by the parent, which records the attempt as interrupted
+        sys.exit(130)
+
+
+def _child_run(spec_path: Path) -> None:
     from machinable.experiment import Experiment
     from machinable.project import Project
 
-    spec = orjson.loads(Path(sys.argv[1]).read_bytes())
+    spec = orjson.loads(spec_path.read_bytes())
     results: dict[str, dict[str, Any]] = {}
     project = Project(spec["project"])
     storage = Storage.at(spec["storage"])
@@ -896,8 +1120,8 @@ def _compare_result(recorded: Path, reproduced: Path, rtol: float, atol: float) 
     if kind_a != kind_b:
         return Comparison("result", False, f"recorded {kind_a or 'none'}, reproduced {kind_b or 'none'}")
     if kind_a == "result.json":
-        a = orjson.loads((recorded / kind_a).read_bytes())
-        b = orjson.loads((reproduced / kind_a).read_bytes())
+        a = loads_value((recorded / kind_a).read_bytes())
+        b = loads_value((reproduced / kind_a).read_bytes())
         return _verdict("result", list(_differences(a, b, rtol, atol, "result")), _short(a))
     return _compare_digest("result", recorded / kind_a, reproduced / kind_a)
 
@@ -928,7 +1152,7 @@ def _compare_file(item: str, a: Path, b: Path, rtol: float, atol: float) -> Comp
     suffix = a.suffix.lower()
     if suffix == ".json":
         try:
-            x, y = orjson.loads(a.read_bytes()), orjson.loads(b.read_bytes())
+            x, y = loads_value(a.read_bytes()), loads_value(b.read_bytes())
         except orjson.JSONDecodeError:
             return _compare_digest(item, a, b)
         return _verdict(item, list(_differences(x, y, rtol, atol, item)), "values match")
@@ -1055,11 +1279,17 @@ class _Attempt:
         if log.is_file():
             atomic_write(self.path / "output.log", log.read_bytes(), what="reproduction output")  # storage file modes
 
+    def discard(self) -> None:
+        """Remove the record of an attempt that never ran (Ctrl-C stopped the ones before it)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
     def close(self) -> None:
         report = self.report
         write_json(self.path / "verdict.json", {"time": _now(), **report.as_json()})
         if report.error is not None:
             self.ledger.append("failed", error=report.error)
+        elif report.interrupted:
+            self.ledger.append("interrupted", reason="Ctrl-C")
         else:
             self.ledger.append("finished", verdict=report.verdict, ok=report.ok)
 
@@ -1094,7 +1324,7 @@ def _now() -> str:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value) if not isinstance(value, (dict, list)) else orjson.dumps(value).decode()
+    text = repr(value) if not isinstance(value, (dict, list)) else dumps_value(value).decode()
     return _shorten(text, limit)
 
 
@@ -1131,7 +1361,8 @@ def _varying_keys(rows: list[StatusRow]) -> dict[str, list[str]]:
 
 def _config_text(config: dict[str, Any], keys: list[str]) -> str:
     from machinable.config import flatten
+    from machinable.diff import format_value  # as list/show/diff print values (NaN as nan)
 
     flat = flatten(config)
-    text = " ".join(f"{k}={orjson.dumps(flat[k]).decode()}" for k in keys if k in flat)
+    text = " ".join(f"{k}={format_value(flat[k])}" for k in keys if k in flat)
     return _shorten(text, 40) or "-"

@@ -100,6 +100,12 @@ def test_every_code_block_runs_and_prints_what_the_page_shows(project):
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{step}\n{result.stdout}{result.stderr}"
 
+    # ... both fail where the records were not committed, rather than pass on nothing
+    for step in steps:
+        result = subprocess.run(["bash", "-c", step], cwd=clone, env={**shell_env(), "MACHINABLE_STORAGE": "not-committed"},
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 1 and f"Nothing to check: no storage at {clone / 'not-committed'}" in result.stderr, step
+
     # ... and the same checks fail once the code changes under the records
     (clone / "estimate_gravity.py").write_text((clone / "estimate_gravity.py").read_text().replace("52", "53"))
     result = subprocess.run(["bash", "-c", steps[0]], cwd=clone, env=shell_env(), capture_output=True, text=True, timeout=600)

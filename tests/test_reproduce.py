@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -11,8 +17,8 @@ import numpy
 import pytest
 
 from machinable import get
-from machinable.errors import UsageError
-from machinable.reproduce import ReproductionError, environment_differences, reproductions
+from machinable.errors import ConfigError, UsageError
+from machinable.reproduce import ReproductionError, environment_differences, reproduce, reproductions
 from machinable.storage import verify_manifest
 
 from conftest import git, run_machinable
@@ -293,6 +299,7 @@ def test_failed_reproduction_still_removes_the_worktree_and_keep_keeps_it(projec
     assert (Path(folder) / "worktree" / "reader.py").is_file() and (Path(folder) / "storage" / experiment.experiment_id).is_dir()
     assert len(worktrees(project)) == 2
     git(project, "worktree", "remove", "--force", str(Path(folder) / "worktree"))
+    shutil.rmtree(folder)
 
 
 def test_only_finished_experiments_can_be_reproduced(project):
@@ -353,3 +360,110 @@ def test_a_project_outside_git_cannot_be_reproduced_and_says_why(plain_project):
     experiment.launch()
     with pytest.raises(ReproductionError, match="recorded outside a git repository"):
         experiment.reproduce()
+
+
+CLUSTER = """
+    from machinable import Execution
+
+
+    class Cluster(Execution):
+        blocking = False
+
+        def on_dispatch(self):
+            pass
+"""
+
+
+def test_a_bad_execution_is_refused_before_anything_runs(project):
+    write(project, "cluster.py", CLUSTER)
+    commit_all(project)
+    experiment = get("estimate_gravity")
+    experiment.launch()
+    refused = {
+        ("--execution", "machinable.execution.process", "grace=x"):
+            "Invalid value 'x' for config key 'grace' of machinable.execution.process: expected a float.",
+        ("--execution", "process", "processs=2"):
+            "Unknown config key 'processs' (value '2') for machinable.execution.process. Valid keys: grace.",
+        ("--execution", "multiproces"): "Did you mean 'multiprocess'?",
+        ("--execution", "multiprocess_executon", "processes=2"): "Did you mean 'multiprocess_execution'?",
+        ("--execution", "estimate_gravity"): "'estimate_gravity' holds EstimateGravity, which is not an execution",
+        ("--execution", "cluster"): "Execution 'cluster' does not wait for its experiments",
+    }
+    for args, message in refused.items():
+        for target in ([experiment.short_id, "--check"], ["--all", "--check"]):
+            result = run_machinable(project, "reproduce", *target, *args)
+            assert result.returncode == 2, (args, result.stdout, result.stderr)
+            assert result.stderr.startswith("Error: ") and message in result.stderr, (args, result.stderr)
+            assert result.stdout == "" and "Traceback" not in result.stderr
+
+    assert reproductions(experiment) == [] and len(worktrees(project)) == 1  # no attempt, no worktree
+    with pytest.raises(ConfigError, match="'grace'"):
+        reproduce(experiment, execution="process", execution_config={"grace": "x"})
+    assert reproduce(experiment, execution="process", execution_config={"grace": "1.5"}, echo=False).ok
+
+
+SLOW = """
+    import os
+    import time
+
+    from machinable import Experiment
+
+
+    class Slow(Experiment):
+        class Config:
+            n: int = 0
+
+        def on_execute(self):
+            print(f"started pid={os.getpid()}", flush=True)
+            time.sleep(float(os.environ.get("SLOW", "0")))
+            return self.config.n
+"""
+
+
+@pytest.mark.parametrize("execution", [[], ["--execution", "process"]], ids=["own-process", "through-an-execution"])
+def test_ctrl_c_stops_at_once_and_records_the_attempt_as_interrupted(project, tmp_path, execution):
+    write(project, "slow.py", SLOW)
+    commit_all(project)
+    experiments = [get("slow", {"n": n}) for n in (1, 2)]
+    for experiment in experiments:
+        experiment.launch()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+
+    # like a terminal's Ctrl-C: SIGINT to the command's process group, once the first reproduction runs
+    proc = subprocess.Popen([sys.executable, "-m", "machinable.cli", "reproduce", "--all", "--check", *execution],
+                            cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "SLOW": "600", "TMPDIR": str(scratch)})
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "started pid=" in line:
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        rest, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    assert proc.returncode == 130, stderr
+    output = "".join(lines) + rest
+    started = re.findall(r"^\[\w+\] started pid=(\d+)$", output, re.M)  # (a traceback may quote the line's source)
+    assert len(started) == 1 and "reproduced" not in output and "match" not in output
+    assert f"reproduce interrupted; {'2 attempts' if execution else '1 attempt'} recorded as interrupted." in stderr
+    attempts = [reproductions(e) for e in experiments]
+    interrupted = [a for a in attempts if a]
+    assert len(interrupted) == (2 if execution else 1)  # one process for the batch, or the first only
+    for [attempt] in interrupted:
+        assert attempt["verdict"] == "interrupted" and attempt["ok"] is False and attempt["error"] is None
+        events = [json.loads(line)["event"] for line in (Path(attempt["directory"]) / "events.jsonl").read_text().splitlines()]
+        assert events == ["started", "interrupted"]
+    assert len(worktrees(project)) == 1 and list(scratch.iterdir()) == []  # worktree and scratch storage removed
+    if not execution:  # the reproduction process itself ran the experiment: it is gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(started[0]), 0)
+    shown = run_machinable(project, "show", experiments[0].short_id if attempts[0] else experiments[1].short_id)
+    assert shown.stdout.splitlines()[-1].endswith("interrupted (Ctrl-C) before its verdict")
+    for experiment in experiments:
+        assert experiment.is_finished() and verify_manifest(experiment.directory) == []

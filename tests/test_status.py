@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
+
+import pytest
 
 from machinable import get
 from machinable.reproduce import status
@@ -122,8 +125,64 @@ def test_a_config_without_a_finished_run_fails_the_check(project):
     result = run_machinable(project, "status", "--check")
 
     assert result.returncode == 1
-    [row] = [line for line in result.stdout.splitlines() if " flaky " in line]
-    assert "failed (RuntimeError: diverged at step 3)" in row and row.endswith("no finished run")
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["ID", "MODULE", "CONFIG", "STATE", "STATUS", "REASON"]
+    [row] = [line for line in lines if " flaky " in line]
+    assert re.split(r"\s{2,}", row)[3:] == ["failed", "no finished run", "RuntimeError: diverged at step 3"]
+    # the reason has its own (last) column: the STATE column is as wide as its words
+    assert lines[0].index("STATUS") - lines[0].index("STATE") == len("failed  ")
+
+
+LONG_REASON = """
+    from machinable import Experiment
+
+
+    class Diverges(Experiment):
+        def on_execute(self):
+            raise FloatingPointError("the loss diverged at step 3: " + "the learning rate is far too large, " * 4)
+"""
+
+
+def test_on_a_terminal_the_table_fits_its_width(project):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    write(project, "diverges.py", LONG_REASON)
+    commit_all(project)
+    try:
+        get("diverges").launch()
+    except Exception:
+        pass
+    get("estimate_gravity").launch()
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "machinable.cli", "status"], cwd=project, stdin=subprocess.DEVNULL,
+                               stdout=follower, stderr=follower, env={**os.environ, "COLUMNS": "100", "TERM": "dumb"})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert process.wait(timeout=120) == 0
+    lines = b"".join(chunks).decode().replace("\r\n", "\n").splitlines()
+
+    assert lines[0].split() == ["ID", "MODULE", "CONFIG", "STATE", "STATUS", "REASON"]
+    assert all(len(line) <= 100 for line in lines), lines
+    [row] = [line for line in lines if " diverges " in line]
+    state, verdict, reason = re.split(r"\s{2,}", row)[3:]
+    assert (state, verdict) == ("failed", "no finished run")
+    assert reason.startswith("FloatingPointError: the loss d") and reason.endswith("...") and len(row) > 95
+    # piped (a CI log), the reason is longer: there is no width to fit
+    piped = run_machinable(project, "status").stdout
+    assert max(len(line) for line in piped.splitlines()) > 100
 
 
 QUEUE = """
@@ -161,7 +220,7 @@ def test_dispatched_experiments_are_reconciled_with_their_execution(project):
     assert rows[2.0]["state"] == "pending" and rows[2.0]["reason"] == "Priority" and rows[2.0]["execution"] == "fake_cluster"
     assert rows[2.0]["verdict"] == "unfinished" and rows[1.0]["verdict"] == "fresh"
     text = run_machinable(project, "status").stdout
-    assert "pending (Priority)  no finished run" in text
+    assert "pending   no finished run  Priority" in text
 
     # a reconcile that fails is shown on its rows; the others are unaffected
     (project / "fake_cluster.py").write_text((project / "fake_cluster.py").read_text().replace(
@@ -171,10 +230,66 @@ def test_dispatched_experiments_are_reconciled_with_their_execution(project):
     assert rows[1.0].verdict == "fresh"
 
 
-def test_empty_storage_has_nothing_to_check(project):
+HINT = "(run machinable from the project root, or pass --storage PATH if the records are elsewhere)"
+
+
+def test_with_check_no_records_fail_unless_allowed(project):
+    # a CI job whose storage was never committed must not go green
+    storage = project / "storage"
     result = run_machinable(project, "status", "--check")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"Error: Nothing to check: no storage at {storage} {HINT}.")
+    assert "commit the records to check (git add --force storage" in result.stderr and "--allow-empty" in result.stderr
+    allowed = run_machinable(project, "status", "--check", "--allow-empty")
+    assert allowed.returncode == 0 and allowed.stdout == f"No storage at {storage} {HINT}.\n"
+    assert run_machinable(project, "status").returncode == 0  # without --check it only reports
+
+    for command in (["reproduce", "--all", "--check"], ["reproduce", "--all", "--sample", "3", "--check"]):
+        result = run_machinable(project, *command)
+        assert result.returncode == 1 and f"Nothing to check: no storage at {storage}" in result.stderr, command
+        assert run_machinable(project, *command, "--allow-empty").returncode == 0
+    assert run_machinable(project, "reproduce", "--all").stdout == (
+        f"No storage at {storage} {HINT}: nothing to reproduce.\n")
+    verify = run_machinable(project, "verify")
+    assert verify.returncode == 0 and verify.stdout.startswith(f"Nothing to verify: no storage at {storage}")
+    assert not storage.exists()  # looking created nothing
+
+    # a storage with no finished experiment of the module asked for
+    get("estimate_gravity").launch()
+    result = run_machinable(project, "status", "multiprocess_execution", "--check")
+    assert result.returncode == 1
+    assert f"Nothing to check: no experiments of multiprocess_execution recorded in {storage}." in result.stderr
+    result = run_machinable(project, "reproduce", "--all", "multiprocess_execution", "--check")
+    assert result.returncode == 1 and f"no finished experiments of multiprocess_execution in {storage}" in result.stderr
+
+
+def test_an_unknown_module_is_a_usage_error_naming_a_close_one(project):
+    get("estimate_gravity").launch()
+    (project / "estimate_gravity.py").rename(project / "gravity.py")  # recorded, but no longer in the project
+
+    for command in (["status", "--check", "estimate_gravty"], ["reproduce", "--all", "estimate_gravty", "--check"]):
+        result = run_machinable(project, *command)
+        assert result.returncode == 2, command
+        assert result.stderr == (
+            f"Error: Unknown module 'estimate_gravty': no estimate_gravty.py in the project {project}, and no "
+            f"experiments of it in {project / 'storage'}. Did you mean 'estimate_gravity'?\n"
+        )
+    # known from its records alone
+    assert "stale: estimate_gravity.py removed" in run_machinable(project, "status", "estimate_gravity").stdout
+
+
+def test_in_a_subfolder_status_says_there_is_no_storage_there(project):
+    get("estimate_gravity").launch()
+    sub = project / "notebooks"
+    sub.mkdir()
+
+    result = run_machinable(sub, "status")
     assert result.returncode == 0
-    assert result.stdout.startswith("No experiments recorded in ") and "nothing to check" in result.stdout
+    assert result.stdout == f"No storage at {sub / 'storage'} {HINT}.\n"
+    assert run_machinable(sub, "status", "--check").returncode == 1
+    named = run_machinable(sub, "status", "estimate_gravity")
+    assert named.returncode == 2 and f"and no storage at {sub / 'storage'} {HINT}." in named.stderr
+    assert not (sub / "storage").exists()
 
 
 def test_watch_refreshes_until_interrupted(project):
@@ -199,3 +314,63 @@ def test_watch_refreshes_until_interrupted(project):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
     assert summaries == 2
+
+
+CLUSTER = """
+    from machinable import Execution
+
+
+    class Cluster(Execution):
+        \"\"\"Submits and returns; reconcile() reports what the scheduler knows.\"\"\"
+
+        blocking = False
+
+        def on_dispatch(self):
+            pass
+
+        def is_submitted(self, experiment):
+            return True
+
+        @classmethod
+        def reconcile(cls, experiments):
+            return {e.experiment_id: {"state": "cancelled", "reason": "job 7 was cancelled by its owner"}
+                    for e in experiments if e.ledger.state() == "interrupted"}
+"""
+
+
+def test_interrupted_runs_of_a_non_blocking_execution_show_the_schedulers_word(project):
+    from machinable.ledger import Ledger
+
+    write(project, "cluster.py", CLUSTER)
+    commit_all(project)
+    with get("cluster"):
+        get("estimate_gravity", {"time_dilation": 2.0}).launch()
+    submitted = get("estimate_gravity", {"time_dilation": 2.0})
+    # the job was cancelled while it ran: the run recorded its own interruption (SIGTERM), not why
+    Ledger(submitted.directory).append("interrupted", reason="SIGTERM")
+    # interrupted in a blocking execution: its ledger has the last word, the execution is not asked
+    write(project, "stopped.py", STOPPED)
+    commit_all(project)
+    with pytest.raises(KeyboardInterrupt):
+        with get("stopped"):
+            get("estimate_gravity", {"time_dilation": 3.0}).launch()
+
+    rows = {row.config["time_dilation"]: row for row in status().rows}
+
+    assert (rows[2.0].state, rows[2.0].reason) == ("cancelled", "job 7 was cancelled by its owner")
+    assert (rows[3.0].state, rows[3.0].reason) == ("interrupted", "Ctrl-C stopped the dispatch before it started")
+    assert "cancelled    no finished run  job 7 was cancelled by its owner" in run_machinable(project, "status").stdout
+
+
+STOPPED = """
+    from machinable import Execution
+
+
+    class Stopped(Execution):
+        def on_dispatch(self):
+            raise KeyboardInterrupt  # Ctrl-C
+
+        @classmethod
+        def reconcile(cls, experiments):
+            return {e.experiment_id: {"state": "asked"} for e in experiments}
+"""
