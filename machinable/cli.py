@@ -5,7 +5,7 @@ Two shapes of command line::
     machinable [GLOBAL OPTIONS] MODULE [KEY=VALUE]... [MODULE [KEY=VALUE]...]... [--launch]
     machinable [GLOBAL OPTIONS] COMMAND [ARGS]...
 
-The first (the seed grammar) dry-runs or launches an experiment; the second
+The first (the launch grammar) dry-runs or launches an experiment; the second
 runs a subcommand (``init``, ``list``, ``show``, ...). Subcommand names are
 reserved words: a project module with such a name is reachable as
 ``./name.py``.
@@ -14,7 +14,7 @@ Layout of this file, so that each area can add its commands without touching
 the others:
 
 - the app and its global options (``--storage``, ``--debug``, ``--version``);
-- the seed grammar (``MODULE key=value ... --launch``);
+- the launch grammar (``MODULE key=value ... --launch``);
 - subcommands, one function each (``@app.command()``), imports inside;
 - the entry point ``main()``: error handling (one line, no traceback, exit 2
   for usage errors and 1 for failed runs; ``--debug`` shows the traceback).
@@ -61,7 +61,7 @@ def _note(text: str) -> None:
 
 
 class _Group(TyperGroup):
-    """Routes a first word that is not a subcommand to the seed grammar."""
+    """Routes a first word that is not a subcommand to the launch grammar."""
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         if args and args[0] != SEED_COMMAND and (args[0] in self.commands or args[0].startswith("-")):
@@ -98,12 +98,13 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     help=(
         "machinable: content-addressed, git-integrated experiments.\n\n"
-        "Dry-run or launch an experiment with the seed grammar:\n\n"
+        "Dry-run or launch an experiment (the launch grammar: modules, each followed by "
+        "its config values):\n\n"
         "    machinable MODULE [KEY=VALUE]... [EXECUTION [KEY=VALUE]...] [--launch]\n\n"
         "The first module is the experiment, later modules (executions, storage) are "
         "used as context. Without --launch nothing runs and nothing is stored. "
         "`machinable MODULE --help` lists the options (--launch, --seed, --replicate, "
-        "--require-clean).\n\n"
+        "--require-clean, --wait, --force-new, --verbose).\n\n"
         "Command names are reserved: a project module with such a name is reachable "
         "as ./NAME.py. Global options may also come after the command."
     ),
@@ -134,10 +135,39 @@ def _global_options(
     if storage is not None:
         # through the environment, so that every command, the API underneath
         # and worker processes spawned by executions all use the same storage
+        _state["storage_option"] = True
+        _state.setdefault("default_storage", os.environ.get("MACHINABLE_STORAGE") or None)
         os.environ["MACHINABLE_STORAGE"] = os.path.abspath(os.path.expanduser(str(storage)))
 
 
-# --- the seed grammar: MODULE key=value ... [EXECUTION key=value ...] ------------------
+def _storage_root() -> Path | None:
+    """The storage folder this command uses if it is not the one a plain
+    ``machinable`` command in this folder would find (None: the default)."""
+    from machinable.project import Project
+
+    chosen = _state.get("storage_root")
+    if chosen is None and _state.get("storage_option"):
+        chosen = Path(os.environ["MACHINABLE_STORAGE"])
+    if chosen is None:
+        return None
+    default = _state.get("default_storage", os.environ.get("MACHINABLE_STORAGE"))
+    try:
+        root = Path(os.path.abspath(os.path.expanduser(default))) if default else Project.get().path / "storage"
+    except Exception:  # no project here: say the storage anyway
+        root = None
+    return None if root is not None and Path(os.path.abspath(root)) == Path(os.path.abspath(chosen)) else Path(chosen)
+
+
+def command_hint(command: str) -> str:
+    """``machinable COMMAND`` as the user can copy it: with ``--storage PATH``
+    when this command ran on a storage other than the default one."""
+    import shlex
+
+    root = _storage_root()
+    return f"{PROG} --storage {shlex.quote(str(root))} {command}" if root is not None else f"{PROG} {command}"
+
+
+# --- the launch grammar: MODULE key=value ... [EXECUTION key=value ...] ------------------
 
 
 @dataclass
@@ -184,7 +214,7 @@ class _SeedCommand(TyperCommand):
 
 
 @app.command(
-    SEED_COMMAND, cls=_SeedCommand, short_help="Dry-run or --launch an experiment (the seed grammar above).",
+    SEED_COMMAND, cls=_SeedCommand, short_help="Dry-run or --launch an experiment (the launch grammar above).",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 def seed_grammar(
@@ -201,6 +231,7 @@ def seed_grammar(
     require_clean: Annotated[bool, typer.Option("--require-clean", help="Refuse to launch from a git tree with uncommitted changes.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="With a non-blocking execution (Slurm): block until the launched experiments end.")] = False,
     force_new: Annotated[bool, typer.Option("--force-new", help="A new experiment (new seed), even if one with this config is stored (for example a damaged one).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also say on standard error when an experiment finished, with its id.")] = False,
 ) -> None:
     """Dry-run or --launch an experiment: MODULE [KEY=VALUE]... [EXECUTION [KEY=VALUE]...].
 
@@ -220,8 +251,9 @@ def seed_grammar(
     with ExitStack() as stack:
         execution = None
         for spec in specs[1:]:
-            element = _context_element(spec)
+            element = _context_element(spec, specs)
             from machinable.execution import Execution
+            from machinable.storage import Storage
 
             if isinstance(element, Execution):
                 if execution is not None:
@@ -230,12 +262,19 @@ def seed_grammar(
                     )
                 execution = element
             else:
+                if isinstance(element, Storage):
+                    if _state.get("storage_option"):
+                        raise UsageError(
+                            f"Both --storage and {spec.name} choose the storage: give only one of them "
+                            f"(--storage {os.environ['MACHINABLE_STORAGE']} or {spec.name} directory={element.root})."
+                        )
+                    _state["storage_root"] = element.root
                 stack.enter_context(element)
         experiment, experiments = _experiments(specs[0], seed, replicate, force_new)
         if not launch:
             _dry_run(experiment, experiments, execution, require_clean, replicate, seed)
             return
-        _launch(experiments, execution, require_clean, wait)
+        _launch(experiments, execution, require_clean, wait, verbose=verbose, replicate=replicate)
 
 
 def _element_class(name: str) -> type:
@@ -298,18 +337,43 @@ def _json_or_text(text: str) -> Any:
         return text
 
 
-def _context_element(spec: ModuleArgs) -> Any:
+def _context_element(spec: ModuleArgs, specs: list[ModuleArgs] | None = None) -> Any:
     from machinable import get
-    from machinable.errors import UsageError
+    from machinable.errors import ModuleNotFound, UsageError
     from machinable.experiment import Experiment
 
-    cls = _element_class(spec.name)
+    try:
+        cls = _element_class(spec.name)
+    except ModuleNotFound as e:
+        hint = _config_key_hint(spec, specs or [])
+        if hint:
+            raise ModuleNotFound(f"{e} {hint}") from None
+        raise
     if issubclass(cls, Experiment):
         raise UsageError(
             f"{spec.name!r} is an experiment, but only the first module is the experiment; "
             "later modules are executions (or machinable.storage) used as context."
         )
     return get(spec.name, _typed_values(cls, spec.values))
+
+
+def _config_key_hint(spec: ModuleArgs, specs: list[ModuleArgs]) -> str:
+    """For ``machinable mymod lr 0.1``: 'lr' is no module but a config key of mymod."""
+    from machinable.config import close_keys, config_class, fields_of
+
+    if spec.values or not specs or spec is specs[0]:
+        return ""
+    try:
+        keys = [k for k in fields_of(config_class(_element_class(specs[0].name)))]
+    except Exception:  # the experiment's own errors are reported when it is loaded
+        return ""
+    close = close_keys(spec.name, keys)
+    if not close or close[0].lower() != spec.name.lower():
+        return ""
+    position = next(i for i, s in enumerate(specs) if s is spec)
+    following = specs[position + 1] if position + 1 < len(specs) else None
+    value = following.name if following is not None and not following.values else "VALUE"
+    return f"{spec.name!r} is a config key of {specs[0].name}: did you mean {close[0]}={value}?"
 
 
 def _experiments(spec: ModuleArgs, seed: int | None, replicate: int | None, force_new: bool = False) -> tuple[Any, list[Any]]:
@@ -343,6 +407,7 @@ def _config_lines(element: Any) -> list[str]:
     import dataclasses
 
     from machinable.config import config_class, fields_of, flatten, to_json
+    from machinable.diff import NON_FINITE
 
     defaults = flatten(
         {name: to_json(default) for name, (_, default) in fields_of(config_class(type(element))).items() if default is not dataclasses.MISSING}
@@ -353,7 +418,8 @@ def _config_lines(element: Any) -> list[str]:
     lines = []
     for key, value in values.items():
         mark = "  (default)" if key in defaults and defaults[key] == value else ""
-        lines.append(f"{key} = {value!r}{mark}")
+        shown = value if isinstance(value, str) and value in NON_FINITE else repr(value)  # a float NaN/infinity
+        lines.append(f"{key} = {shown}{mark}")
     return lines
 
 
@@ -404,6 +470,7 @@ def _files(paths: list[str], limit: int) -> str:
 def _dry_run(first: Any, experiments: list[Any], execution: Any, require_clean: bool, replicate: int | None, seed: int | None) -> None:
     from machinable.storage import Storage
 
+    dirty = _git_state(require_clean)  # first: --require-clean refuses before anything is printed
     _field("experiment", f"{first.module}  ({_relative(first.project.module_file(first.module))})")
     _field("config", _config_lines(first))
     _field("config hash", first.config_hash)
@@ -429,7 +496,6 @@ def _dry_run(first: Any, experiments: list[Any], execution: Any, require_clean: 
     else:
         _field("execution", "machinable.execution.local (default: in this process)")
     _field("storage", str(Storage.current().root))
-    dirty = _git_state(require_clean)
     if dirty is None:
         _field("git", "not a git repository (records say so)")
     elif dirty:
@@ -446,19 +512,27 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def _launch(experiments: list[Any], execution: Any, require_clean: bool, wait: bool = False) -> None:
+def _launch(experiments: list[Any], execution: Any, require_clean: bool, wait: bool = False, *,
+            verbose: bool = False, replicate: int | None = None) -> None:
+    """Launch; for one experiment that finishes, print only its own output
+    (like ``experiment.launch()``); ``verbose`` also names each finished one."""
     todo = [e for e in experiments if not e.is_finished()]
     finished = [e for e in experiments if e not in todo]
-    if len(finished) == 1:
+    if replicate is None and finished:
         e = finished[0]
-        _note(f"{e.module} {e.short_id}: already finished, nothing to do (machinable show {e.short_id})")
-    elif finished:
+        _note(f"{e.module} {e.short_id}: already finished, nothing to do ({command_hint(f'show {e.short_id}')})")
+    elif finished and not todo:
         _note(f"{len(finished)} of {len(experiments)} replicates already finished: nothing to do for them")
+    elif finished:
+        _note(f"{len(finished)} of {len(experiments)} replicates already finished; launching the other {len(todo)}")
     if not todo:
         return
     dirty = _git_state(require_clean)
     if dirty and any(not e.is_committed() for e in todo):
         _note(f"Note: uncommitted changes in {_files(dirty, 5)} are recorded with the experiment (git.diff); --require-clean refuses instead.")
+    elif dirty:  # stored already (resuming, say): each attempt records the state it runs with
+        _note(f"Note: uncommitted changes in {_files(dirty, 5)} are recorded with this attempt (git.diff, or "
+              "attempts/N/git.diff if they differ from the state at creation); --require-clean refuses instead.")
     if execution is None:
         from machinable.executions.local import Local
 
@@ -470,10 +544,15 @@ def _launch(experiments: list[Any], execution: Any, require_clean: bool, wait: b
                 experiment.launch()
     report = execution.last_report
     if report is not None and len(todo) == 1:  # many: the execution prints its summary
-        for experiment_id in report.finished:
-            _note(f"{todo[0].module} {experiment_id[:12]}: finished (machinable show {experiment_id[:12]})")
+        if verbose:
+            for experiment_id in report.finished:
+                _note(f"{todo[0].module} {experiment_id[:12]}: finished ({command_hint(f'show {experiment_id[:12]}')})")
         for experiment_id in report.submitted:
-            _note(f"{todo[0].module} {experiment_id[:12]}: submitted (machinable status shows its progress)")
+            _note(f"{todo[0].module} {experiment_id[:12]}: submitted ({command_hint('status')} shows its progress)")
+    if replicate is not None and report is not None and report.finished and finished:
+        new = [i[:12] for i in report.finished]
+        shown = ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+        _note(f"{len(experiments)} replicates: {len(finished)} already finished, {len(new)} new finished ({shown})")
     if wait and report is not None and report.submitted:
         _wait_for([e for e in todo if e.experiment_id in report.submitted])
 
@@ -490,7 +569,8 @@ def _wait_for(experiments: list[Any]) -> None:
             print(experiment.output(), end="", flush=True)
         if experiment.state != "finished":
             reason = (experiment.ledger.last() or {})
-            unfinished.append(f"{experiment.short_id}: {experiment.state} ({reason.get('error') or reason.get('reason') or 'see machinable show'})")
+            unfinished.append(f"{experiment.short_id}: {experiment.state} "
+                              f"({reason.get('error') or reason.get('reason') or 'see ' + command_hint('show ' + experiment.short_id)})")
     if unfinished:
         raise ExecutionError(f"{len(unfinished)} of {len(experiments)} did not finish: " + "; ".join(unfinished))
     _note(f"{len(experiments)} finished.")
@@ -514,6 +594,8 @@ class _Progress:
         self._task: Any = None
         self._thread: Any = None
         self._stop: Any = None
+        self._lock: Any = None
+        self._stderr: Any = None
 
     def __enter__(self) -> "_Progress":
         if not self.enabled:
@@ -533,6 +615,11 @@ class _Progress:
             )
             self._bar.start()
             self._task = self._bar.add_task("launch", total=len(self.experiments))
+        else:
+            # the execution's closing summary comes after the last experiment's line
+            self._stderr = sys.stderr
+            sys.stderr = _SummaryAfterProgress(self._stderr, self._poll)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="machinable-progress", daemon=True)
         self._thread.start()
@@ -543,6 +630,10 @@ class _Progress:
             self._poll()
 
     def _poll(self) -> None:
+        with self._lock:
+            self._poll_locked()
+
+    def _poll_locked(self) -> None:
         from machinable.ledger import Ledger
         from machinable.storage import read_lines
 
@@ -561,7 +652,9 @@ class _Progress:
                 self._bar.update(self._task, completed=len(self._done))
             else:
                 width = len(str(len(self.experiments)))
-                _note(f"[{len(self._done):>{width}}/{len(self.experiments)}] {experiment.module} {experiment_id[:12]} {state}")
+                line = f"[{len(self._done):>{width}}/{len(self.experiments)}] {experiment.module} {experiment_id[:12]} {state}\n"
+                (self._stderr or sys.stderr).write(line)
+                (self._stderr or sys.stderr).flush()
 
     def __exit__(self, *exc: object) -> None:
         if not self.enabled:
@@ -569,8 +662,28 @@ class _Progress:
         self._stop.set()
         self._thread.join()
         self._poll()
+        if self._stderr is not None:
+            sys.stderr = self._stderr
         if self._bar is not None:
             self._bar.stop()
+
+
+class _SummaryAfterProgress:
+    """stderr while plain progress lines are printed: before a ``machinable: ...``
+    summary line of the execution, the progress catches up (so that the summary
+    comes after the last ``[N/N]`` line, not before it)."""
+
+    def __init__(self, stream: Any, catch_up: Any) -> None:
+        self._stream = stream
+        self._catch_up = catch_up
+
+    def write(self, text: str) -> int:
+        if text.startswith("machinable: "):
+            self._catch_up()
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _import_failed(name: str, error: BaseException) -> Exception:
@@ -591,7 +704,7 @@ def _import_failed(name: str, error: BaseException) -> Exception:
 # --- subcommands -------------------------------------------------------------------------
 #
 # One function per command, imports inside the function. Each command name is
-# a reserved word of the seed grammar. Keep docs/cli.md in sync (the test
+# a reserved word of the launch grammar. Keep docs/cli.md in sync (the test
 # tests/test_cli.py::test_reference_is_in_sync says how to regenerate it).
 
 
@@ -711,6 +824,7 @@ def reproduce_command(
             raise UsageError("--sample N picks experiments for --all: add --all, or give one experiment id.")
         if len(names) != 1:
             raise UsageError(f"Give one experiment id (got {len(names)}: {' '.join(names) or 'none'}), or --all [MODULE...].")
+        _check_id(names[0], "every finished experiment of module {name}", "reproduce --all {name}")
         reports = [reproduce(names[0], **options)]
     if as_json:
         import orjson
@@ -779,7 +893,7 @@ def gc_command(
     ids: Annotated[Optional[list[str]], typer.Argument(metavar="[ID]...", help="Only these experiments (ids or unique prefixes), whatever their age.", show_default=False)] = None,
     older_than: Annotated[str, typer.Option("--older-than", metavar="AGE", help="Unfinished experiments inactive for longer than AGE (30m, 12h, 7d, 2w; 0 for any).")] = "7d",
     include_finished: Annotated[bool, typer.Option("--include-finished", help="Also remove the finished records among the given ids.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Only list what would be removed.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Remove unfinished experiments (created, dispatched, failed, interrupted)
@@ -800,6 +914,27 @@ def gc_command(
 
 
 # --- inspecting: list (find), show, diff, index ---------------------------------------------
+
+
+def _check_id(text: str, what: str, command: str) -> None:
+    """A module name where an id belongs: say which command does what was meant."""
+    from machinable.errors import ExperimentNotFound, MachinableError
+
+    from machinable.project import Project
+
+    word = text.strip()
+    if not word or re.fullmatch(r"[0-9a-fA-F]{1,32}", word):
+        return  # an id (prefix): Storage.resolve says whether it is stored
+    try:
+        project = Project.get()
+        name = project.normalize_name(word)
+        project.module_file(name)
+    except MachinableError:
+        return  # not a module either: Storage.resolve says what is wrong
+    raise ExperimentNotFound(
+        f"{word!r} is not an experiment id (ids are hexadecimal: give any unique prefix). "
+        f"For {what.format(name=name)}: {command_hint(command.format(name=name))}"
+    )
 
 
 def _list_filters(tokens: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -823,23 +958,68 @@ def _list_filters(tokens: list[str]) -> tuple[str | None, dict[str, str]]:
     return module, values
 
 
-def _list_duration(row: dict[str, Any]) -> str:
+def _typed_filters(module: str, values: dict[str, str], storage: Any) -> dict[str, Any]:
+    """``list MODULE key=value``: values coerced as a launch would (the Config's
+    types, the same errors), so ``use_bn=no`` finds the runs of ``use_bn=no``.
+
+    A key the module's Config no longer has still matches the stored records
+    that have it; without an importable module, values match as literals.
+    """
+    import dataclasses
+
+    from machinable.config import coerce, config_class, fields_of, to_json, unknown_key_error
+    from machinable.errors import MachinableError, ModuleNotFound
+
+    try:
+        config = config_class(_element_class(module))
+    except ModuleNotFound:
+        return dict(values)
+    except MachinableError as e:  # the module does not import: list what is stored anyway
+        _note(f"Note: values match as written ({e})")
+        return dict(values)
+    out: dict[str, Any] = {}
+    for key, text in values.items():
+        annotation: Any = config
+        path = ""
+        for part in key.split("."):
+            if not dataclasses.is_dataclass(annotation):
+                annotation = None  # inside a dict or Any value: match the literal
+                break
+            fields = fields_of(annotation)
+            if part not in fields:
+                if storage.root.is_dir() and storage.fresh_index().has_config_key(key):
+                    annotation = None  # a key of older records
+                    break
+                raise unknown_key_error(part, text, list(fields), where=module, path=path, cls=annotation)
+            annotation = fields[part][0]
+            path += part + "."
+        if annotation is None:
+            out[key] = text
+            continue
+        typed = _json_or_text(text) if annotation is Any else text
+        out[key] = to_json(coerce(typed, annotation, key, module))
+    return out
+
+
+def _list_duration(row: dict[str, Any], root: Path | None = None) -> str:
+    """How long it ran: the sum of its attempts (a resumed run's idle time between them does not count)."""
     from datetime import datetime, timezone
 
     from machinable.diff import _duration
+    from machinable.index import attempt_durations
 
-    if not row.get("started"):
-        return "-"
-    try:
-        start = datetime.fromisoformat(row["started"])
-        end = datetime.fromisoformat(row["finished"]) if row.get("finished") else None
-    except ValueError:
-        return "-"
-    if end is None:
-        if row["state"] != "running":
+    if row["state"] == "running" and root is not None:
+        from machinable.storage import read_lines
+
+        try:
+            events = read_lines(root / row["id"] / "events.jsonl")
+        except OSError:
             return "-"
-        end = datetime.now(timezone.utc)
-    return _duration((end - start).total_seconds())
+        known = [s for s in attempt_durations(events, now=datetime.now(timezone.utc)) if s is not None]
+        return _duration(sum(known)) if known else "-"
+    if row["state"] not in ("finished", "failed") or row.get("duration") is None:
+        return "-"
+    return _duration(row["duration"])
 
 
 def _list_time(iso: str | None, seconds: bool = True) -> str:
@@ -898,7 +1078,8 @@ def _list_json(row: dict[str, Any]) -> bytes:
         config = orjson.loads(row["config"])
     except (orjson.JSONDecodeError, TypeError):
         config = None
-    fields = ("id", "module", "state", "seed", "created", "started", "finished", "execution", "git_commit", "config_hash", "code_hash")
+    fields = ("id", "module", "state", "seed", "created", "started", "finished", "duration", "execution", "git_commit",
+              "config_hash", "code_hash")
     out = {**{k: row.get(k) for k in fields}, "config": config}
     if isinstance(out["seed"], str) and out["seed"].lstrip("-").isdigit():
         out["seed"] = int(out["seed"])
@@ -943,14 +1124,15 @@ def _list_table(found: Any, wanted: list[str], capped: bool) -> int:
         style = _STATE_STYLE.get(row["state"], "")
         state = f"[{style}]{row['state']}[/]" if style else row["state"]
         cells = [row["id"][:12], *([] if one_module else [row["module"] or "?"]), state,
-                 _list_time(row["started"] or row["created"], seconds=False), _list_duration(row), _list_config(row, keys)]
+                 _list_time(row["started"] or row["created"], seconds=False), _list_duration(row, found.storage.root),
+                 _list_config(row, keys)]
         table.add_row(*cells)
     console = Console()
     console.print(table)
     if capped and len(rows) == found.limit:
         total = found.count()
         if total > len(rows):
-            console.print(f"[dim]{len(rows)} of {total:,} shown ({found.order} first); --limit N or --all for more.[/]")
+            console.print(f"[dim]{len(rows)} of {total:,} shown ({found.order} first); --limit N or --no-limit for more.[/]")
     return len(rows)
 
 
@@ -958,8 +1140,9 @@ def _list_experiments(filters: list[str], state: str | None, since: str | None, 
                       every: bool, as_json: bool) -> None:
     from machinable.storage import Storage
 
-    module, values = _list_filters(filters)
+    module, texts = _list_filters(filters)
     storage = Storage.current()
+    values = _typed_filters(module, texts, storage) if module and texts else dict(texts)
     terminal = sys.stdout.isatty() and not as_json
     capped = terminal and limit is None and not every
     found = storage.find(module, state=state, since=since, limit=50 if capped else limit,
@@ -975,7 +1158,7 @@ def _list_experiments(filters: list[str], state: str | None, since: str | None, 
                     out.write(_list_json(row))
                 else:
                     line = "\t".join([row["id"], row["module"] or "?", row["state"], _list_time(row["started"] or row["created"]),
-                                      _list_duration(row), _list_config(row)])
+                                      _list_duration(row, storage.root), _list_config(row)])
                     out.write(line.encode() + b"\n")
                 shown += 1
             out.flush()
@@ -992,6 +1175,7 @@ _LIST_HELP = {
     "state": "Only experiments in this state: created, dispatched, running, finished, failed, interrupted, damaged.",
     "since": "Only experiments created since then: 2024-05-01, 2024-05-01T14:30, 30m, 12h, 7d, 2w, today, yesterday.",
     "limit": "At most N experiments (default: all; on a terminal the newest 50, and says how many more there are).",
+    "no_limit": "On a terminal too: every match, not only the newest 50.",
 }
 
 
@@ -1002,7 +1186,8 @@ def list_command(
     since: Annotated[Optional[str], typer.Option("--since", metavar="WHEN", help=_LIST_HELP["since"], show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", "-n", metavar="N", min=0, help=_LIST_HELP["limit"], show_default=False)] = None,
     oldest: Annotated[bool, typer.Option("--oldest", help="Oldest first.")] = False,
-    every: Annotated[bool, typer.Option("--all", help="On a terminal: every match, not only the newest 50.")] = False,
+    every: Annotated[bool, typer.Option("--no-limit", help=_LIST_HELP["no_limit"])] = False,
+    every_alias: Annotated[bool, typer.Option("--all", hidden=True, help="Old name of --no-limit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line, streamed (for jq, pandas.read_json(lines=True)).")] = False,
 ) -> None:
     """List stored experiments from the index (kept in sync with the storage folders).
@@ -1012,7 +1197,7 @@ def list_command(
     line per experiment (id, module, state, started, duration, config), every
     match. `--json`: one JSON object per line. Same as `machinable find`.
     """
-    _list_experiments(filters or [], state, since, limit, oldest, every, as_json)
+    _list_experiments(filters or [], state, since, limit, oldest, every or every_alias, as_json)
 
 
 @app.command("find", short_help="Same as `machinable list`.")
@@ -1022,11 +1207,12 @@ def find_command(
     since: Annotated[Optional[str], typer.Option("--since", metavar="WHEN", help=_LIST_HELP["since"], show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", "-n", metavar="N", min=0, help=_LIST_HELP["limit"], show_default=False)] = None,
     oldest: Annotated[bool, typer.Option("--oldest", help="Oldest first.")] = False,
-    every: Annotated[bool, typer.Option("--all", help="On a terminal: every match, not only the newest 50.")] = False,
+    every: Annotated[bool, typer.Option("--no-limit", help=_LIST_HELP["no_limit"])] = False,
+    every_alias: Annotated[bool, typer.Option("--all", hidden=True, help="Old name of --no-limit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line, streamed.")] = False,
 ) -> None:
     """Find stored experiments: the same as `machinable list`."""
-    _list_experiments(filters or [], state, since, limit, oldest, every, as_json)
+    _list_experiments(filters or [], state, since, limit, oldest, every or every_alias, as_json)
 
 
 @app.command("show", short_help="Everything stored about one experiment: config, code, git, environment, events, outputs.")
@@ -1042,6 +1228,7 @@ def show_command(
     from machinable.diff import Snapshot
     from machinable.storage import Storage
 
+    _check_id(experiment_id, "the experiments of module {name}", "list {name}")
     snapshot = Snapshot.of(experiment_id, Storage.current())
     if as_json:
         import orjson
@@ -1067,6 +1254,8 @@ def diff_command(
     from machinable.diff import diff
     from machinable.storage import Storage
 
+    for target in (a, b):
+        _check_id(target, "the experiments of module {name}", "list {name}")
     result = diff(a, b, Storage.current())
     if as_json:
         import orjson
@@ -1152,6 +1341,17 @@ def _click() -> Any:
     return click
 
 
+def _with_storage(message: str) -> str:
+    """Commands an error message suggests (`machinable show ID`), with --storage PATH where needed."""
+    if "`machinable " not in message:
+        return message
+    try:
+        hint = command_hint("")
+    except Exception:  # never let the hint hide the error
+        return message
+    return message.replace("`machinable ", f"`{hint}") if hint != f"{PROG} " else message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failed run, 2 usage error, 130 interrupted)."""
     from machinable.errors import MachinableError
@@ -1184,7 +1384,7 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        _note(f"Error: {e}")
+        _note(f"Error: {_with_storage(str(e))}")
         return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
         _note("Interrupted.")

@@ -16,6 +16,8 @@ from pathlib import Path
 from machinable.errors import UsageError
 
 TEMPLATE = Path(__file__).resolve().parent / "_template"
+#: who commits the template where git has no identity yet (a fresh machine)
+INIT_AUTHOR = ("machinable init", "machinable-init@localhost")
 _SKIP = {"__pycache__", ".pytest_cache"}
 
 
@@ -83,11 +85,19 @@ def write_template(directory: str | os.PathLike[str], *, git: bool = True) -> In
 
 
 def _shown(path: Path) -> str:
+    """How to name ``path`` in a command the user copies: relative to the
+    current folder, else ``~/...`` under the home folder, else absolute."""
+    resolved = path.resolve()
     try:
-        rel = path.resolve().relative_to(Path.cwd().resolve())
+        rel = resolved.relative_to(Path.cwd().resolve())
         return "." if not rel.parts else rel.as_posix()
     except ValueError:
-        return str(path)
+        pass
+    try:
+        rel = resolved.relative_to(Path.home().resolve())
+        return "~" if not rel.parts else "~/" + rel.as_posix()
+    except (ValueError, RuntimeError):  # RuntimeError: no home folder known
+        return str(resolved)
 
 
 def _git_init(result: InitResult) -> None:
@@ -122,8 +132,20 @@ def _git_init(result: InitResult) -> None:
         result.git = "committed"
         result.messages.append("git: new repository, with the template as its first commit")
         return
+    no_identity = "user.email" in proc.stderr or "identity" in proc.stderr
+    if no_identity:
+        # A fresh machine: commit the template as machinable (only this commit),
+        # so that the first launch still records a clean tree.
+        proc = run("-c", f"user.name={INIT_AUTHOR[0]}", "-c", f"user.email={INIT_AUTHOR[1]}", "commit", "-q", "-m", "machinable init")
+        if proc.returncode == 0:
+            result.git = "committed"
+            result.messages.append(
+                f"git: new repository, with the template as its first commit (author {INIT_AUTHOR[0]} <{INIT_AUTHOR[1]}>: "
+                "git has no user.name/user.email yet; set them before your own commits)"
+            )
+            return
     result.git = "staged"
-    reason = "git has no user.name/user.email" if "user.email" in proc.stderr or "identity" in proc.stderr else _first_line(proc.stderr)
+    reason = "git has no user.name/user.email" if no_identity else _first_line(proc.stderr)
     result.messages.append(
         f"git: new repository, template staged but not committed ({reason}); run 'git commit -m init' there "
         "so that launches record a clean tree"

@@ -81,18 +81,19 @@ def assert_clean_error(result: subprocess.CompletedProcess, code: int, *needles:
     return lines[0]
 
 
-# --- the seed grammar ----------------------------------------------------------------------
+# --- the launch grammar ----------------------------------------------------------------------
 
 
 def test_launch_runs_the_experiment_and_records_it(project):
     result = run_machinable(project, "estimate_gravity", "time_dilation=1.5", "--launch")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == GRAVITY_15
-    assert "Traceback" not in result.stderr
+    assert (result.returncode, result.stdout, result.stderr) == (0, GRAVITY_15, "")  # like experiment.launch()
     (directory,) = experiment_dirs(project / "storage")
     assert record(directory)["config"] == {"time_dilation": 1.5, "verbose": True}
-    assert f"estimate_gravity {directory.name[:12]}: finished" in result.stderr
     assert get("estimate_gravity", {"time_dilation": 1.5}).is_finished()
+    verbose = run_machinable(project, "estimate_gravity", "time_dilation=2", "-v", "--launch")
+    assert verbose.returncode == 0 and verbose.stdout.startswith("Assuming height")
+    (new,) = [d for d in experiment_dirs(project / "storage") if d != directory]
+    assert verbose.stderr == f"estimate_gravity {new.name[:12]}: finished (machinable show {new.name[:12]})\n"
 
 
 def test_launching_a_finished_experiment_again_does_nothing(project):
@@ -244,6 +245,12 @@ def test_seed_fixes_the_id(project):
     assert record(project / "storage" / expected)["seed"] == 42
 
 
+def test_an_out_of_range_seed_fails_the_dry_run_before_showing_an_id(project):
+    result = run_machinable(project, "estimate_gravity", "--seed", "99999999999999999999999")
+    assert_clean_error(result, 2, "Invalid seed 99999999999999999999999: a seed is an int from 0 to 2**63 - 1")
+    assert result.stdout == ""
+
+
 def test_replicate_launches_n_replicates_once(project):
     storage = project / "storage"
     result = run_machinable(project, "estimate_gravity", "verbose=false", "--replicate", "3", "--launch")
@@ -261,16 +268,26 @@ def test_replicate_launches_n_replicates_once(project):
     assert "replicates   4 requested: 3 existing, 1 new" in dry.stdout
     more = run_machinable(project, "estimate_gravity", "verbose=false", "--replicate", "4", "--launch")
     assert more.stdout.count("The gravity on the exoplanet is:") == 1
-    assert len(experiment_dirs(storage)) == 4
+    (added,) = [d for d in experiment_dirs(storage) if d not in dirs]
+    # the added replicate is reported, with its id
+    assert more.stderr.splitlines() == [
+        "3 of 4 replicates already finished; launching the other 1",
+        f"4 replicates: 3 already finished, 1 new finished ({added.name[:12]})",
+    ]
 
 
 def test_many_launches_print_plain_progress_lines_when_piped(project):
-    result = run_machinable(project, "estimate_gravity", "verbose=false", "--replicate", "3", "--launch")
-    assert result.returncode == 0, result.stderr
-    progress = [line for line in result.stderr.splitlines() if line.startswith("[")]
-    assert [line[:6] for line in progress] == ["[1/3] ", "[2/3] ", "[3/3] "]
-    assert all(line.endswith(" finished") for line in progress)
-    assert "\x1b[" not in result.stderr
+    for execution in ([], ["multiprocess_execution", "processes=2"]):
+        result = run_machinable(project, "estimate_gravity", "verbose=false", "--replicate", "3", *execution, "--launch")
+        assert result.returncode == 0, result.stderr
+        lines = result.stderr.splitlines()
+        progress = [line for line in lines if line.startswith("[")]
+        assert [line[:6] for line in progress] == ["[1/3] ", "[2/3] ", "[3/3] "]
+        assert all(line.endswith(" finished") for line in progress)
+        # the summary closes the list, after the last experiment's line
+        assert lines[-1] == f"machinable: {execution[0] if execution else 'machinable.execution.local'}: 3 finished, 0 failed, 0 not started."
+        assert "\x1b[" not in result.stderr
+        shutil.rmtree(project / "storage")
 
 
 def run_in_terminal(cwd: Path, *args: str, timeout: float = 120) -> tuple[int, str]:
@@ -334,6 +351,13 @@ def test_require_clean_refuses_a_dirty_tree_listing_the_files(project):
     assert "uncommitted" not in clean.stderr
 
 
+def test_a_dry_run_under_require_clean_refuses_before_printing(project):
+    (project / "notes.txt").write_text("uncommitted\n")
+    result = run_machinable(project, "estimate_gravity", "--require-clean")
+    assert_clean_error(result, 2, "Refusing to launch: --require-clean", "notes.txt")
+    assert result.stdout == ""
+
+
 def test_require_clean_outside_a_repository(plain_project):
     result = run_machinable(plain_project, "estimate_gravity", "--require-clean", "--launch")
     assert_clean_error(result, 2, "needs a git repository")
@@ -369,6 +393,57 @@ def test_storage_option_sets_the_storage_for_the_run(project, tmp_path):
     assert f"storage      {project / 'relative-storage'}" in dry.stdout
 
 
+def test_hints_name_the_storage_the_command_used(project, tmp_path):
+    """A next-step hint works when copied: it names a storage other than the default."""
+    elsewhere = tmp_path / "elsewhere"
+    first = run_machinable(project, "--storage", str(elsewhere), "estimate_gravity", "-v", "--launch")
+    (directory,) = experiment_dirs(elsewhere)
+    short = directory.name[:12]
+    hint = f"machinable --storage {elsewhere} show {short}"
+    assert first.stderr == f"estimate_gravity {short}: finished ({hint})\n"
+    again = run_machinable(project, "estimate_gravity", "--launch", "--storage", str(elsewhere))
+    assert again.stderr == f"estimate_gravity {short}: already finished, nothing to do ({hint})\n"
+    copied = run_machinable(project, *hint.split()[1:])  # the hint, copied
+    assert copied.returncode == 0 and copied.stdout.startswith(f"experiment {directory.name}")
+    # the storage as context: the same
+    context = tmp_path / "context"
+    run_machinable(project, "estimate_gravity", "machinable.storage", f"directory={context}", "--launch")
+    (directory,) = experiment_dirs(context)
+    again = run_machinable(project, "estimate_gravity", "machinable.storage", f"directory={context}", "--launch")
+    assert f"(machinable --storage {context} show {directory.name[:12]})" in again.stderr
+    # errors name it too
+    missing = run_machinable(project, "--storage", str(context), "show", "abc")
+    assert f"`machinable --storage {context} list` shows the stored ones" in missing.stderr
+    # the default storage needs no option
+    run_machinable(project, "estimate_gravity", "--launch")
+    plain = run_machinable(project, "--storage", str(project / "storage"), "estimate_gravity", "--launch")
+    assert "(machinable show " in plain.stderr
+
+
+def test_storage_option_and_storage_context_together_are_refused(project, tmp_path):
+    result = run_machinable(project, "--storage", str(tmp_path / "a"), "estimate_gravity", "machinable.storage",
+                            f"directory={tmp_path / 'b'}", "--launch")
+    assert_clean_error(result, 2, "Both --storage and machinable.storage choose the storage")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_integral_floats_are_ints_on_the_command_line_as_in_python(project):
+    write(project, "epochs.py", """
+        from machinable import Experiment
+
+        class Epochs(Experiment):
+            class Config:
+                epochs: int = 1
+
+            def on_execute(self):
+                print("epochs", repr(self.config.epochs))
+    """)
+    result = run_machinable(project, "epochs", "epochs=3.0", "--seed", "7", "--launch")
+    assert (result.returncode, result.stdout) == (0, "epochs 3\n"), result.stderr
+    assert [d.name for d in experiment_dirs(project / "storage")] == [get("epochs", {"epochs": 3.0}, seed=7).experiment_id]
+    assert_clean_error(run_machinable(project, "epochs", "epochs=3.5"), 2, "Invalid value '3.5'", "expected an int")
+
+
 def test_version(project):
     from machinable import __version__
 
@@ -387,6 +462,16 @@ def test_no_arguments_shows_the_help(project):
     result = run_machinable(project)
     assert result.returncode == 0
     assert result.stdout.startswith("Usage: machinable [OPTIONS] MODULE [KEY=VALUE]... | COMMAND [ARGS]...")
+    text = " ".join(result.stdout.split())
+    assert "launch grammar" in text and "seed grammar" not in text  # --seed is an option; the grammar is not about seeds
+    for option in ("--launch", "--seed", "--replicate", "--require-clean", "--wait", "--force-new", "--verbose"):
+        assert option in text, option
+
+
+def test_short_options_mean_one_thing():
+    """-n is list's --limit (not also gc's --dry-run); --all of list is now --no-limit (status/reproduce keep theirs)."""
+    assert "-n, --limit N" in help_text("list") and "-n" not in help_text("gc")
+    assert "--no-limit" in help_text("list") and "--all" not in help_text("list")
 
 
 # --- errors: one line, no traceback, exit 2 for usage errors and 1 for failed runs -------------
@@ -396,7 +481,11 @@ USAGE_ERRORS = [
     (["ini"], ["Module 'ini' not found", "Did you mean the command 'init'?"]),
     (["estimate_gravity", "time_diliation=2"], ["Unknown config key 'time_diliation'", "Did you mean 'time_dilation'?"]),
     (["estimate_gravity", "time_dilation=fast"], ["Invalid value 'fast'", "time_dilation", "expected a float"]),
-    (["estimate_gravity", "verbose=maybe"], ["Invalid value 'maybe'", "verbose", "bool"]),
+    (["estimate_gravity", "verbose=maybe"], ["Invalid value 'maybe'", "verbose", "expected a bool (true/false, yes/no, on/off, 1/0)"]),
+    (["estimate_gravity", "TIME_DILATION=2"], ["Unknown config key 'TIME_DILATION'", "Did you mean 'time_dilation'?"]),
+    (["estimate_gravity", "time_dilation", "2"], ["Module 'time_dilation' not found",
+                                                   "'time_dilation' is a config key of estimate_gravity: did you mean time_dilation=2?"]),
+    (["estimate_gravity", "verbose"], ["did you mean verbose=VALUE?"]),
     (["estimate_gravity", "time_dilation==1"], ["'time_dilation==1'", "single '='", "did you mean time_dilation=1?"]),
     (["estimate_gravity", "=1"], ["'=1'", "key before '=' is missing"]),
     (["estimate_gravity", "time_dilation="], ["'time_dilation='", "value after '=' is missing"]),
@@ -409,6 +498,8 @@ USAGE_ERRORS = [
     (["estimate_gravity", "multiprocess_execution", "machinable.execution.local"], ["Two executions given"]),
     (["estimate_gravity", "--seed", "1", "--replicate", "2"], ["--seed and --replicate exclude each other"]),
     (["estimate_gravity", "--seed", "abc"], ["'--seed'", "abc"]),
+    (["estimate_gravity", "--seed", "99999999999999999999999"], ["Invalid seed 99999999999999999999999", "from 0 to 2**63 - 1"]),
+    (["estimate_gravity", "--seed", "-1"], ["Invalid seed -1", "from 0 to 2**63 - 1"]),
     (["estimate_gravity", "--replicate", "0"], ["'--replicate'"]),
     (["estimate_gravity", "--lauch"], ["No such option: --lauch", "--launch"]),
     (["bad-name"], ["Invalid module name 'bad-name'"]),
@@ -434,6 +525,16 @@ def test_an_ambiguous_id_prefix_is_a_usage_error(project):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith(f"Error: Experiment id prefix '{prefix}' is ambiguous")
+
+
+def test_a_module_name_where_an_id_belongs_names_the_command_meant(project):
+    for args, hint in [
+        (["reproduce", "estimate_gravity"], "For every finished experiment of module estimate_gravity: machinable reproduce --all estimate_gravity"),
+        (["show", "estimate_gravity"], "For the experiments of module estimate_gravity: machinable list estimate_gravity"),
+        (["diff", "estimate_gravity", "abc"], "machinable list estimate_gravity"),
+    ]:
+        result = run_machinable(project, *args)
+        assert_clean_error(result, 2, "'estimate_gravity' is not an experiment id", hint)
 
 
 def test_debug_shows_the_traceback(project):
@@ -547,7 +648,7 @@ def test_init_inside_a_repository_leaves_committing_to_the_user(project):
     assert git(project, "log", "--format=%s").splitlines() == ["initial"]
 
 
-def test_init_without_a_git_identity_stages_the_template(tmp_path):
+def test_init_without_a_git_identity_commits_the_template_as_machinable(tmp_path):
     home = tmp_path / "home"  # no ~/.gitconfig, no identity from the environment
     home.mkdir()
     env = {"HOME": str(home), "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": str(home / "none")}
@@ -556,8 +657,20 @@ def test_init_without_a_git_identity_stages_the_template(tmp_path):
     result = subprocess.run([sys.executable, "-m", "machinable", "init", "demo"], cwd=tmp_path, capture_output=True, text=True,
                             env={k: v for k, v in {**os.environ, **env}.items() if v != ""})
     assert result.returncode == 0, result.stderr
-    assert "template staged but not committed" in result.stdout
-    assert (tmp_path / "demo" / ".git").is_dir()
+    assert "git: new repository, with the template as its first commit (author machinable init <machinable-init@localhost>: " \
+           "git has no user.name/user.email yet; set them before your own commits)" in result.stdout
+    assert git(tmp_path / "demo", "log", "--format=%an <%ae>") == "machinable init <machinable-init@localhost>\n"
+    assert git(tmp_path / "demo", "status", "--porcelain") == ""
+
+
+def test_init_names_a_folder_under_home_with_a_tilde(tmp_path):
+    home, elsewhere = tmp_path / "home", tmp_path / "clone"
+    home.mkdir()
+    elsewhere.mkdir()
+    result = run_machinable(elsewhere, "init", str(home / "gravity-demo"), env={"HOME": str(home), **GIT_IDENTITY})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith("Created a machinable project in ~/gravity-demo: ")
+    assert result.stdout.splitlines()[-1] == "Next: cd ~/gravity-demo && machinable estimate_gravity --launch"
 
 
 def test_init_never_overwrites(tmp_path):
