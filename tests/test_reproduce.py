@@ -187,6 +187,42 @@ def test_a_run_from_a_dirty_tree_with_an_untracked_helper_reproduces(project):
     assert len(worktrees(project)) == 1
 
 
+READER = """
+    from pathlib import Path
+    from machinable import Experiment
+
+    class Reader(Experiment):
+        def on_execute(self):
+            return Path("value.txt").read_text().strip()
+"""
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["value committed", "value uncommitted"])
+def test_a_resumed_experiment_reproduces_at_the_state_its_finishing_attempt_ran_with(project, committed):
+    write(project, "reader.py", READER)
+    commit_all(project, "reader")
+    failed = run_machinable(project, "reader", "--launch", "--require-clean")
+    assert failed.returncode == 1 and "FileNotFoundError" in failed.stderr
+    (project / "value.txt").write_text("42\n")
+    if committed:
+        commit_all(project, "value")
+    resumed = run_machinable(project, "reader", "--launch", *(["--require-clean"] if committed else []))
+    assert resumed.returncode == 0, resumed.stderr
+    if not committed:
+        assert "Note: uncommitted changes in 1 file (value.txt) are recorded with this attempt" in resumed.stderr
+    experiment = get("reader")
+    assert experiment.is_finished() and experiment.result == "42"
+
+    result = run_machinable(project, "reproduce", experiment.short_id, "--check")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    head = git(project, "rev-parse", "HEAD").strip()
+    assert f"reader at commit {head[:12]}" in result.stdout
+    assert ("+ recorded uncommitted changes" in result.stdout) is not committed
+    assert "result   match  '42'" in result.stdout and "reproduced: 4 of 4 match" in result.stdout
+    assert len(worktrees(project)) == 1
+
+
 def test_unseeded_randomness_does_not_reproduce_and_seed_everything_fixes_it(project):
     write(project, "draw.py", """
         import random
