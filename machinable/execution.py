@@ -65,7 +65,7 @@ class DispatchReport:
 
     def message(self) -> str:
         lines = [f"{self.execution}: {self.summary()}."]
-        if self.cause:
+        if self.cause and self.cause not in self.reasons.values():  # else it is named with the experiments
             lines.append(f"  {self.cause}")
         for experiment_id in self.failed:
             lines.append(f"  failed: {experiment_id[:12]}: {self.errors.get(experiment_id, 'see events.jsonl')}")
@@ -172,6 +172,7 @@ class Execution(Element):
         Raises ``ExecutionError`` (carrying the ``DispatchReport``) when any
         failed, was interrupted, or never started.
         """
+        _refuse_in_bootstrapping_worker()
         report = DispatchReport(execution=self.module)
         self.last_report = report
         todo = self._runnable(experiments, report)
@@ -193,12 +194,15 @@ class Execution(Element):
                 self.on_after_dispatch()
             except KeyboardInterrupt:
                 self._settle(todo, marks, report, pickling_failures, interrupted=True)
-                sys.stderr.write(f"machinable: {self.module} interrupted: {report.summary()}.\n")
-                raise
+                hint = "; launching again resumes them" if report.interrupted or report.not_started else ""
+                sys.stderr.write(f"machinable: {self.module} interrupted: {report.summary()}{hint}.\n")
+                # raised anew: the program stops as usual, and its traceback ends here rather than in
+                # the execution's internals (each experiment's own traceback is in its events.jsonl)
+                raise KeyboardInterrupt from None
             except Exception as e:
                 report.cause = f"on_dispatch() of {self.module} raised {type(e).__name__}: {e}" + _pickling_hint(e)
                 raised = e
-        self._settle(todo, marks, report, pickling_failures)
+        self._settle(todo, marks, report, pickling_failures, raised=report.cause)
         if raised is not None or not report.ok:
             if raise_on_failure:
                 raise ExecutionError(report.message(), report) from raised
@@ -238,7 +242,7 @@ class Execution(Element):
         return marks
 
     def _settle(self, todo: list[Any], marks: dict[str, int], report: DispatchReport,
-                pickling_failures: list[str], *, interrupted: bool = False) -> None:
+                pickling_failures: list[str], *, interrupted: bool = False, raised: str | None = None) -> None:
         """Sort each experiment into the report by the events since its dispatch."""
         for experiment in todo:
             experiment_id = experiment.experiment_id
@@ -267,7 +271,7 @@ class Execution(Element):
                 else:
                     report.submitted.append(experiment_id)
             else:
-                reason = self._why_not_started(experiment, pickling_failures)
+                reason = raised or self._why_not_started(experiment, pickling_failures)
                 if _append_unless_running(experiment, "cancelled", reason=f"never started: {reason}"):
                     report.not_started.append(experiment_id)
                     report.reasons[experiment_id] = reason
@@ -380,6 +384,21 @@ def describe_exit(returncode: int | None) -> str:
             name = f"signal {-returncode}"
         return f"was killed by {name}"
     return f"exited with code {returncode}"
+
+
+def _refuse_in_bootstrapping_worker() -> None:
+    """Stop a spawn/forkserver worker that is running the main script's top level again.
+
+    Such a worker imports the main script before it receives its task; a
+    launch at the script's top level, outside ``if __name__ == "__main__":``,
+    would dispatch every experiment again from each worker.
+    """
+    process = sys.modules.get("multiprocessing.process")
+    if process is not None and getattr(process.current_process(), "_inheriting", False):
+        raise SystemExit(
+            "machinable: a worker process started with spawn or forkserver runs the main script's top level again, "
+            "and this script launches experiments there: put the launch under `if __name__ == \"__main__\":`."
+        )
 
 
 def _builtin_name(module: str) -> str | None:

@@ -657,9 +657,16 @@ class Experiment(Element):
                 self.on_success()
                 self.on_after_execute()
             except (KeyboardInterrupt, SystemExit) as e:
-                traceback.print_exc()
-                ledger.append("interrupted", reason=type(e).__name__, attempt=attempt)
+                # the traceback goes to events.jsonl; the terminal gets one line per experiment
+                ledger.append("interrupted", reason=type(e).__name__, attempt=attempt, traceback=traceback.format_exc())
                 _set_state(storage, self.experiment_id, "interrupted")
+                cause = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else f"sys.exit({e.code!r})"
+                line = f"machinable: interrupted: {self.short_id} ({cause}); launching again resumes it\n"
+                for tee in (sys.stdout, sys.stderr):
+                    if isinstance(tee, _Tee):
+                        tee.finish()
+                log.write(line)
+                stderr.write(line)  # not through the tee: the line names the experiment, no prefix needed
                 raise
             except BaseException as e:
                 text = traceback.format_exc()

@@ -24,6 +24,10 @@ BUILTINS = {
     "machinable.storage": "machinable.storage",
 }
 
+# Short names of the built-in executions. A project module of the same name
+# (a user's own multiprocess.py) takes precedence.
+SHORT_NAMES = {name.rsplit(".", 1)[1]: name for name in BUILTINS if name.startswith("machinable.execution.")}
+
 _stack: list["Project"] = []
 
 
@@ -56,7 +60,12 @@ class Project:
     # --- modules ----------------------------------------------------------
 
     def normalize_name(self, name: str) -> str:
-        """``./pkg/mod.py`` -> ``pkg.mod``; refuses paths that leave the project."""
+        """``./pkg/mod.py`` -> ``pkg.mod``; refuses paths that leave the project.
+
+        A built-in execution's short name (``multiprocess``) becomes its full
+        name (``machinable.execution.multiprocess``) unless the project has a
+        module of that name.
+        """
         if not isinstance(name, str) or not name:
             raise ModuleNotFound(f"Invalid module name {name!r}: give a dotted module name such as 'estimate_gravity'.")
         if name.startswith("./") and name.endswith(".py"):
@@ -66,7 +75,13 @@ class Project:
                 f"Invalid module name {name!r}: use a dotted Python module name inside the project "
                 "(letters, digits, '_' and '.'), such as 'estimate_gravity' or 'evolution.simulate_offspring'."
             )
+        if name in SHORT_NAMES and not self._has_module(name):
+            return SHORT_NAMES[name]
         return name
+
+    def _has_module(self, name: str) -> bool:
+        base = self.path.joinpath(*name.split("."))
+        return base.with_name(base.name + ".py").is_file() or (base / "__init__.py").is_file()
 
     def module_file(self, name: str) -> Path:
         name = self.normalize_name(name)

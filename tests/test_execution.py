@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import textwrap
@@ -109,6 +110,14 @@ class Raising(Execution):
     def on_dispatch(self):
         raise RuntimeError("the scheduler is down")
 '''
+
+
+@pytest.fixture(autouse=True)
+def _bounded():
+    """Every wait here is bounded: a test that hangs dumps every thread's stack and ends the run."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 def add_modules(root: Path, **modules: str) -> None:
@@ -289,8 +298,12 @@ def test_on_dispatch_raising_is_reported_with_the_experiments(project):
     with pytest.raises(ExecutionError) as raised:
         with get("raising_execution"):
             experiment.launch()
-    assert "raised RuntimeError: the scheduler is down" in str(raised.value)
-    assert experiment.short_id in str(raised.value)
+    message = str(raised.value)
+    assert f"never started: {experiment.short_id}" in message
+    # one cause: the exception, not also "returned without calling experiment()"
+    assert message.count("raised RuntimeError: the scheduler is down") == 1
+    assert "likely cause: on_dispatch() of raising_execution raised RuntimeError: the scheduler is down" in message
+    assert "returned without calling" not in message
     assert isinstance(raised.value.__cause__, RuntimeError)
     experiment.launch()  # a working execution (the default) then runs it
     assert experiment.is_finished()

@@ -14,7 +14,7 @@ import pytest
 
 from machinable import get
 from machinable.errors import ConfigError, ExecutionError
-from tests.conftest import run_python
+from tests.conftest import run_machinable, run_python
 from tests.test_execution import BATCH, add_modules, events
 
 CRASH = '''
@@ -76,6 +76,25 @@ class Sleeper(Experiment):
 '''
 
 
+@pytest.fixture(autouse=True)
+def _bounded():
+    """Every wait here is bounded: a test that hangs dumps every thread's stack and ends the run."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def readline_within(stream, timeout: float = 60.0) -> str:
+    """The next line of a child's pipe, or an AssertionError after ``timeout`` seconds."""
+    import selectors
+
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            raise AssertionError(f"no line within {timeout} s")
+    return stream.readline()
+
+
 def wait_for(condition, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -135,12 +154,16 @@ def test_process_output_streams_live(project, tmp_path):
         env={**os.environ, "RELEASE": str(release)},
     )
     try:
-        assert driver.stdout.readline() == "start 0\n"  # arrives while the experiment still runs
+        assert readline_within(driver.stdout) == "start 0\n"  # arrives while the experiment still runs
         experiment = get("sleeper", {"slow": True}, seed=1)
         assert experiment.state == "running"
     finally:
         release.touch()
-        out, err = driver.communicate(timeout=60)
+        try:
+            out, err = driver.communicate(timeout=60)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
     assert driver.returncode == 0, err
     assert experiment.is_finished()
 
@@ -272,16 +295,20 @@ def test_ctrl_c_stops_workers_and_keeps_what_finished(project, tmp_path, name, t
             os.kill(driver.pid, signal.SIGINT)
         out, err = driver.communicate(timeout=60)
     finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+        kill_group(driver.pid)  # also a worker that outlived the driver
     assert driver.returncode != 0
-    assert "KeyboardInterrupt" in err
-    assert re.search(r"interrupted: 2 finished, 0 failed, 0 not started, 2 interrupted", err), err
+    assert "interrupted: 2 finished, 0 failed, 0 not started, 2 interrupted; launching again resumes them.\n" in err, err
     for experiment in experiments[:2]:  # nothing finished is lost
         assert experiment.is_finished() and experiment.result == experiment.config.index
     for experiment in experiments[2:]:
         assert experiment.state == "interrupted"
     assert events(experiments[2], "interrupted") or events(experiments[2], "cancelled")
+    # one short line per interrupted experiment, no traceback of machinable's internals
+    assert f"machinable: interrupted: {experiments[2].short_id} (Ctrl-C); launching again resumes it\n" in err or name == "user-pool", err
+    assert err.count("Traceback") == 1 and err.endswith("\nKeyboardInterrupt\n"), err  # the driver's own: it stopped
+    assert "machinable/executions/" not in err and "in handler" not in err, err
+    if name != "user-pool":  # the pool's workers are terminated, they record nothing themselves
+        assert "KeyboardInterrupt" in events(experiments[2], "interrupted")[0]["traceback"]
 
     release.touch()  # launching again resumes only the interrupted ones
     again = subprocess.run([sys.executable, "-c", script], cwd=project, env=env, capture_output=True, text=True, timeout=120)
@@ -289,3 +316,149 @@ def test_ctrl_c_stops_workers_and_keeps_what_finished(project, tmp_path, name, t
     assert all(e.is_finished() for e in experiments)
     assert [len(events(e, "started")) for e in experiments[:2]] == [1, 1]
     assert "start 0" not in again.stdout and "start 2" in again.stdout and "start 3" in again.stdout
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+AT_FORK_CTRL_C = """
+import os, signal
+from machinable import get
+
+forks = 0
+
+def ctrl_c_at_the_third_fork():
+    global forks
+    forks += 1
+    if forks == 3:
+        os.kill(os.getpid(), signal.SIGINT)  # handled inside this callback, where an exception is lost
+
+os.register_at_fork(after_in_parent=ctrl_c_at_the_third_fork)
+experiments = [get('sleeper', {'index': i, 'slow': i >= 1}, seed=i) for i in range(3)]
+with get('machinable.execution.multiprocess', {'processes': 3}):
+    for experiment in experiments:
+        experiment.launch()
+"""
+
+
+def test_ctrl_c_while_a_worker_is_forked_still_stops_the_launch(project, tmp_path):
+    # A KeyboardInterrupt raised inside an at-fork callback is printed as "Exception ignored" and
+    # lost: the launch then waited for its (never ending) workers forever.
+    add_modules(project, sleeper=SLEEPER)
+    driver = subprocess.Popen([sys.executable, "-c", AT_FORK_CTRL_C], cwd=project, start_new_session=True,
+                              env={**os.environ, "RELEASE": str(tmp_path / "never")},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = driver.communicate(timeout=60)
+    finally:
+        kill_group(driver.pid)
+    assert driver.returncode == -signal.SIGINT, err
+    assert "Exception ignored" not in err
+    states = [get("sleeper", {"index": i, "slow": i >= 1}, seed=i).state for i in range(3)]
+    assert states[1:] == ["interrupted", "interrupted"], err
+    assert re.search(r"interrupted: \d finished, 0 failed, 0 not started, \d interrupted; launching again resumes them", err), err
+
+
+# --- start methods that run the main script again ------------------------------------------
+
+UNGUARDED = """
+from machinable import get
+
+experiments = [get("estimate_gravity", {"time_dilation": t, "verbose": False}) for t in (1.0, 2.0)]
+with get("multiprocess", {"processes": 2, "start_method": "spawn"}):
+    for experiment in experiments:
+        experiment.launch()
+"""
+
+
+def test_spawn_without_main_guard_is_refused_with_one_cause(project):
+    (project / "run.py").write_text(UNGUARDED)
+    result = subprocess.run([sys.executable, "run.py"], cwd=project, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        "machinable.errors.ConfigError: start_method='spawn' starts each worker by running the main script's top "
+        "level again, and the script launches experiments there (run.py, line 5), outside "
+        "`if __name__ == \"__main__\":`. Put the launch under that guard, or use start_method='fork'. Nothing was started."
+    )
+    assert result.stderr.count("Traceback") == 1 and "never started" not in result.stderr
+    for t in (1.0, 2.0):  # no worker ran, nothing was dispatched
+        assert events(get("estimate_gravity", {"time_dilation": t, "verbose": False}), "dispatched") == []
+
+    guarded = UNGUARDED.replace("experiments = ", "if __name__ == '__main__':\n    experiments = ").replace("\nwith ", "\n    with ").replace("\n    for", "\n        for").replace("\n        experiment.launch", "\n            experiment.launch")
+    (project / "run.py").write_text(guarded)
+    result = subprocess.run([sys.executable, "run.py"], cwd=project, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "2 finished, 0 failed, 0 not started" in result.stderr
+
+
+def test_a_spawned_worker_importing_the_main_script_dispatches_nothing(project):
+    # the backstop for executions of one's own: a worker still importing the main script must not launch
+    import multiprocessing
+
+    experiment = get("estimate_gravity", {"time_dilation": 4.0})
+    process = multiprocessing.current_process()
+    process._inheriting = True  # what spawn sets while the worker imports the main script
+    try:
+        with pytest.raises(SystemExit, match='put the launch under `if __name__ == "__main__":`'):
+            with get("multiprocess_execution"):
+                experiment.launch()
+    finally:
+        del process._inheriting
+    assert not experiment.is_started() and events(experiment, "dispatched") == []
+
+
+# --- short names of the built-in executions --------------------------------------------------
+
+
+def test_short_names_resolve_to_the_builtin_executions(project):
+    from machinable.executions.local import Local
+    from machinable.executions.multiprocess import Multiprocess
+    from machinable.executions.process import Process
+    from machinable.project import Project
+
+    for short, cls in (("local", Local), ("process", Process), ("multiprocess", Multiprocess)):
+        execution = get(short)
+        assert type(execution) is cls and execution.module == f"machinable.execution.{short}"
+        assert Project.get().module_file(short).name == f"{short}.py"
+        assert Project.get().element_class(short) is cls
+    assert Project.get().import_module("slurm").__name__ == "machinable.executions.slurm"
+    experiment = get("estimate_gravity", {"time_dilation": 5.0})
+    with get("multiprocess", {"processes": 2}):
+        experiment.launch()
+    assert events(experiment, "started")[0]["execution"]["module"] == "machinable.execution.multiprocess"
+
+
+def test_short_name_on_the_command_line(project):
+    result = run_machinable(project, "estimate_gravity", "time_dilation=2", "multiprocess", "processes=2", "--launch")
+    assert result.returncode == 0, result.stderr
+    experiment = get("estimate_gravity", {"time_dilation": 2.0})
+    assert experiment.is_finished()
+    execution = events(experiment, "started")[0]["execution"]
+    assert (execution["module"], execution["config"]["processes"]) == ("machinable.execution.multiprocess", 2)
+
+
+OWN_MULTIPROCESS = """
+from machinable import Execution
+
+
+class Mine(Execution):
+    def on_dispatch(self):
+        for experiment in self.experiments:
+            print("my own multiprocess")
+            experiment()
+"""
+
+
+def test_a_project_module_with_a_short_name_takes_precedence(project):
+    add_modules(project, multiprocess=OWN_MULTIPROCESS)
+    execution = get("multiprocess")
+    assert type(execution).__name__ == "Mine" and execution.module == "multiprocess"
+    assert type(get("machinable.execution.multiprocess")).__name__ == "Multiprocess"  # the full name: the built-in
+    result = run_machinable(project, "estimate_gravity", "time_dilation=3", "multiprocess", "--launch")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("my own multiprocess\n")

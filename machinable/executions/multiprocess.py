@@ -8,14 +8,16 @@ output line is prefixed by the experiment's short id and written whole.
 
 from __future__ import annotations
 
+import ast
 import multiprocessing
 import os
 import sys
+import tokenize
 from multiprocessing.connection import wait
 from typing import Any
 
 from machinable.errors import ConfigError
-from machinable.execution import Execution
+from machinable.execution import Execution, _short_path
 from machinable.executions.process import CtrlC, interrupt_once, stop
 
 START_METHODS = ("fork", "spawn", "forkserver")
@@ -56,6 +58,18 @@ class Multiprocess(Execution):
             method = "fork" if sys.platform.startswith("linux") else "spawn"
         return multiprocessing.get_context(method)
 
+    def on_before_dispatch(self) -> bool | None:
+        method = self.context().get_start_method()
+        if method != "fork":
+            where = unguarded_main_launch()
+            if where is not None:
+                raise ConfigError(
+                    f"start_method={method!r} starts each worker by running the main script's top level again, and "
+                    f"the script launches experiments there ({where}), outside `if __name__ == \"__main__\":`. "
+                    "Put the launch under that guard, or use start_method='fork'. Nothing was started."
+                )
+        return None
+
     def on_dispatch(self) -> None:
         context = self.context()
         parallel = self.processes > 1 and len(self.experiments) > 1
@@ -94,3 +108,42 @@ def run(experiment: Any, prefix: str = "") -> None:
         experiment()
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def unguarded_main_launch() -> str | None:
+    """Where the main script's top level leads to this call outside ``if __name__ == "__main__":``
+    ("run.py, line 3"), else None (no main script, as with ``python -c``, or the call is guarded).
+
+    With spawn or forkserver, each worker runs the main script's top level
+    again (as ``__mp_main__``): an unguarded launch would launch from every worker.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or not path:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals is vars(main)):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    line = frame.f_lineno
+    try:
+        with tokenize.open(path) as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_main_test(node.test) and node.body:
+            if node.body[0].lineno <= line <= (node.body[-1].end_lineno or node.body[-1].lineno):
+                return None
+    return f"{_short_path(path)}, line {line}"
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    """``__name__ == "__main__"`` (either way round)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = [s.id for s in sides if isinstance(s, ast.Name)]
+    values = [s.value for s in sides if isinstance(s, ast.Constant)]
+    return names == ["__name__"] and values == ["__main__"]
