@@ -237,7 +237,9 @@ def seed_grammar(
 
     The first module is the experiment; later modules (executions, storage) are
     used as context. Values are parsed as the Config's annotated types; nested
-    configs take dotted keys (optimizer.lr=0.1).
+    configs take dotted keys (optimizer.lr=0.1). The built-in executions are
+    local, process, multiprocess and slurm (short for
+    machinable.execution.NAME; a project module of that name comes first).
     """
     from contextlib import ExitStack
 
