@@ -287,8 +287,10 @@ def test_ctrl_c_stops_workers_and_keeps_what_finished(project, tmp_path, name, t
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     experiments = [get("sleeper", {"index": i, "slow": i >= 2}, seed=i) for i in range(4)]
     try:
+        # "start 2" in its output: its on_execute() runs (Ctrl-C a moment earlier, while the run is set up,
+        # is recorded by the launching process, without the experiment's own line)
         wait_for(lambda: all(e.is_committed() and e.is_finished() for e in experiments[:2])
-                 and experiments[2].is_committed() and experiments[2].state == "running", "a slow experiment to run")
+                 and experiments[2].is_committed() and "start 2" in experiments[2].output(), "a slow experiment to run")
         if target == "group":  # Ctrl-C in a terminal: every process of the foreground group
             os.killpg(driver.pid, signal.SIGINT)
         else:
