@@ -592,7 +592,7 @@ def claim_is_held(directory: Path) -> bool:
 
 # --- MANIFEST and sealing ----------------------------------------------------
 
-SEALING = ".sealing"  # exists from just before the finished event until the MANIFEST is written
+SEALING = ".sealing"  # exists from just before the finished event until the seal is complete (MANIFEST, read-only)
 _UNSEALED = {CLAIM, ".claim.takeover", MANIFEST, SEALING}
 REPRODUCTIONS = "reproductions"  # added beside a sealed record; not part of it
 ATTEMPTS = "attempts"  # attempts/<n>/git.json, git.diff: the git state of an attempt that ran with another than git.json's
@@ -629,11 +629,11 @@ def write_manifest(directory: Path) -> None:
         raise
 
 
-def make_read_only(directory: Path) -> None:
+def make_read_only(directory: Path, *, folder: bool = True) -> None:
     """Drop write bits on a record: every file and folder, the record folder itself
-    included, except ``reproductions/`` (where later reproductions are recorded)
-    and the claim files (so a status probe can still open them)."""
-    for path in [*sorted(directory.rglob("*"), reverse=True), directory]:
+    included (unless not ``folder``), except ``reproductions/`` (where later
+    reproductions are recorded) and the claim files (so a status probe can still open them)."""
+    for path in [*sorted(directory.rglob("*"), reverse=True), *([directory] if folder else [])]:
         rel = path.relative_to(directory).parts
         if path.name in (CLAIM, ".claim.takeover") or (rel and rel[0] == REPRODUCTIONS):
             continue
@@ -649,7 +649,9 @@ def is_sealed(directory: Path) -> bool:
 def seal(directory: Path) -> None:
     """Finish a record: MANIFEST of per-file digests, then read-only.
 
-    Idempotent, so a crash between the steps is repaired by sealing again.
+    Idempotent, so a crash between the steps is repaired by sealing again:
+    the ``.sealing`` mark goes last (before the folder's own write bit), so a
+    crash anywhere before leaves it for the next launch to complete the seal.
     The writable ``reproductions/`` folder is made first, because nothing can
     be created in the record folder once it is read-only.
     """
@@ -660,13 +662,15 @@ def seal(directory: Path) -> None:
     if not is_sealed(directory):
         remove_temp_files(directory)  # an interrupted seal's half-written MANIFEST
         write_manifest(directory)
+    make_read_only(directory, folder=False)
     try:
         (directory / SEALING).unlink()
     except FileNotFoundError:
         pass
     except OSError as e:
         raise _storage_error(e, "seal marker", directory) from e
-    make_read_only(directory)
+    mode = directory.lstat().st_mode
+    os.chmod(directory, stat.S_IMODE(mode) & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
 def begin_seal(directory: Path) -> None:
@@ -681,7 +685,9 @@ def begin_seal(directory: Path) -> None:
 
 
 def seal_interrupted(directory: Path) -> bool:
-    return (directory / SEALING).exists() and not is_sealed(directory)
+    """True if a crash stopped a finishing run before its seal was complete
+    (before or after its MANIFEST was written)."""
+    return (directory / SEALING).exists()
 
 
 def complete_seal(directory: Path) -> bool:
@@ -860,7 +866,7 @@ def record_problems(root: Path, experiment_id: str, *, rehash: bool = True) -> l
         add(f"{experiment_id}/{name}", message)
     if not rehash:
         return problems
-    if seal_interrupted(directory):
+    if seal_interrupted(directory) and not is_sealed(directory):
         add(f"{experiment_id}/MANIFEST", "missing: a crash interrupted sealing; launching the experiment again completes it")
     if is_sealed(directory):
         for line in verify_manifest(directory):

@@ -195,9 +195,26 @@ def _check_index(storage: Path) -> None:
         assert seen[experiment_id] == {k: v for k, v in row.items() if k in seen[experiment_id]}, experiment_id
 
 
+def _storage_state(storage: Path) -> str:
+    """What a failure report shows: every record's files (mode, size) and its ledger."""
+    lines = []
+    for directory in _experiment_dirs(storage):
+        lines.append(f"{directory.name}:")
+        for path in sorted(directory.rglob("*")):
+            info = path.lstat()
+            lines.append(f"  {oct(info.st_mode & 0o777)} {info.st_size:>8} {path.relative_to(directory)}")
+        try:
+            lines.append("  events: " + (directory / "events.jsonl").read_bytes()[-1500:].decode(errors="replace"))
+        except OSError as e:
+            lines.append(f"  events: {e}")
+    return "\n".join(lines)
+
+
 def test_sigkill_at_random_moments_loses_nothing(crash_project):
     storage = crash_project / "storage"
-    rng = random.Random(int(os.environ.get("MACHINABLE_CRASH_SEED", random.randrange(2**32))))
+    seed = int(os.environ.get("MACHINABLE_CRASH_SEED", random.randrange(2**32)))
+    print(f"MACHINABLE_CRASH_SEED={seed}")
+    rng = random.Random(seed)
 
     start = time.monotonic()
     calibration = _spawn(crash_project, 0)
@@ -217,15 +234,20 @@ def test_sigkill_at_random_moments_loses_nothing(crash_project):
         if n == len(configs):
             configs.append(n)
         phases.append(_launch_and_kill(crash_project, n, rng, typical, _is_finished(storage, n, finished)))
-        finished = _check_readable(storage, finished)
+        try:
+            finished = _check_readable(storage, finished)
+        except AssertionError:
+            print(f"after kill {len(phases)} of config {n} (phase aimed at: {phases[-1]}):\n{_storage_state(storage)}")
+            raise
 
     # the next launch of each config sees it finished or resumes it
     for n in configs:
         proc = _spawn(crash_project, n)
         assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+    print(f"after the final launches (phases aimed at: {phases}):\n{_storage_state(storage)}")
     finished = _check_readable(storage, finished)
     for directory in _experiment_dirs(storage):
-        assert (directory / "MANIFEST").exists() and not (directory / ".sealing").exists()
+        assert (directory / "MANIFEST").exists() and not (directory / ".sealing").exists(), f"{directory.name} not sealed"
         assert not list(directory.rglob(".*.tmp")), "temp files of interrupted writes are cleaned up"
     results = sorted(r["n"] for r in finished.values())  # type: ignore[index]
     assert results == sorted(configs), "every config ends with exactly one finished experiment"
@@ -240,3 +262,32 @@ def test_sigkill_at_random_moments_loses_nothing(crash_project):
 
 def _is_finished(storage: Path, n: int, finished: dict[str, object]) -> bool:
     return any(r["n"] == n for r in finished.values())  # type: ignore[index]
+
+
+KILL_AFTER_MANIFEST = """import os, signal, sys
+import machinable.storage as storage
+write_manifest = storage.write_manifest
+def killed_after(directory):
+    write_manifest(directory)
+    os.kill(os.getpid(), signal.SIGKILL)  # MANIFEST published, the seal not complete yet
+storage.write_manifest = killed_after
+from machinable import get
+get('crashy', {'n': 7}).launch()
+"""
+
+
+def test_sigkill_right_after_the_manifest_is_completed_by_the_next_launch(crash_project):
+    """The one moment the random loop rarely hits: MANIFEST written, record not yet read-only."""
+    storage = crash_project / "storage"
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_MANIFEST], cwd=crash_project, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    (directory,) = _experiment_dirs(storage)
+    assert (directory / "MANIFEST").exists() and (directory / ".sealing").exists()
+    finished = _check_readable(storage, {})
+
+    proc = _spawn(crash_project, 7)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+    assert _check_readable(storage, finished) == finished
+    assert not (directory / ".sealing").exists(), "the next launch completes the seal"
+    assert all(not path.stat().st_mode & 0o222 for path in [directory, *directory.rglob("*")]
+               if path.name != ".claim" and "reproductions" not in path.relative_to(directory).parts)
