@@ -660,7 +660,12 @@ class Experiment(Element):
                 # the traceback goes to events.jsonl; the terminal gets one line per experiment
                 ledger.append("interrupted", reason=type(e).__name__, attempt=attempt, traceback=traceback.format_exc())
                 _set_state(storage, self.experiment_id, "interrupted")
-                cause = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else f"sys.exit({e.code!r})"
+                if isinstance(e, KeyboardInterrupt):
+                    cause = "Ctrl-C"
+                elif type(e) is SystemExit:
+                    cause = f"sys.exit({e.code!r})"
+                else:  # a named exit, such as the Slurm job's TerminatedBySlurm on SIGTERM
+                    cause = f"{type(e).__name__}, exit {e.code!r}"
                 line = f"machinable: interrupted: {self.short_id} ({cause}); launching again resumes it\n"
                 for tee in (sys.stdout, sys.stderr):
                     if isinstance(tee, _Tee):

@@ -331,7 +331,8 @@ def test_a_refused_submission_is_reported_and_launching_again_submits(cluster_pr
             experiment.launch()
     message = str(raised.value)
     assert "sbatch refused the job" in message and "invalid partition" in message.lower()
-    assert f"never started: {experiment.short_id}" in message and "the submission failed" in message
+    assert f"never started: {experiment.short_id}" in message
+    assert "on_dispatch() of machinable.execution.slurm raised" in message  # the sbatch error is the one cause
     assert submitted(experiment) == []
     with slurm(partition):
         experiment.launch()
