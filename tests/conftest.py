@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,20 @@ def git(cwd: Path, *args: str) -> str:
         ["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
         env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"},
     ).stdout
+
+
+def write(root: Path, rel: str, source: str) -> Path:
+    """Write a dedented source file into the project (folders made as needed)."""
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def commit_all(root: Path, message: str = "more") -> None:
+    """Commit every change in the repository."""
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", message)
 
 
 @pytest.fixture(autouse=True)

@@ -20,24 +20,12 @@ from machinable import get
 from machinable.cli import hoist_global_options, parse_module_args
 from machinable.errors import UsageError
 
-from conftest import REPO, TEMPLATE, git, run_machinable
+from conftest import REPO, TEMPLATE, git, run_machinable, write, commit_all
 
 GRAVITY_15 = (
     "Assuming height of 52 and time of 0.44999999999999996\n"
     "The gravity on the exoplanet is:  513.5802469135804\n"
 )
-
-
-def write(root: Path, rel: str, source: str) -> Path:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(source))
-    return path
-
-
-def commit_all(root: Path, message: str = "more") -> None:
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", message)
 
 
 def experiment_dirs(storage: Path) -> list[Path]:

@@ -17,14 +17,7 @@ import pytest
 from machinable import Storage, get
 from machinable.errors import CodeChangedError, ConfigError, ExecutionError, StorageError
 
-from conftest import git, run_python
-
-
-def write(root: Path, rel: str, source: str) -> Path:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(source))
-    return path
+from conftest import git, run_python, write
 
 
 def tree(root: Path) -> dict[str, bytes | None]:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from machinable import get
 from machinable.config import config_class, make_config, tag
+from conftest import write
 from machinable.experiment import config_hash_of, experiment_id_of
 from machinable.hashing import (
     ALGORITHM,
@@ -48,13 +49,6 @@ class Pinned(Experiment):
 PINNED_CONFIG_HASH = "xxh3-128:e378dee8c487c9bb3cd45dbb276dd9a9"
 PINNED_CODE_HASH = "xxh3-128:7a4e2f53a2eb25e2c15bf3b72509ea58"
 PINNED_ID = "ba2ba2e0a335f6f1a5f576a20031639c"
-
-
-def write(root: Path, rel: str, source: str) -> Path:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(source))
-    return path
 
 
 # --- pinned values -------------------------------------------------------------------------

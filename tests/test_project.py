@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 
 from machinable import Execution, Experiment, Project, get
+from conftest import write
 from machinable.errors import ModuleNotFound, UsageError
-
-
-def write(root: Path, rel: str, source: str) -> Path:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(source))
-    return path
 
 
 OFFSPRING = """

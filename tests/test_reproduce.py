@@ -21,19 +21,7 @@ from machinable.errors import ConfigError, UsageError
 from machinable.reproduce import ReproductionError, environment_differences, reproduce, reproductions
 from machinable.storage import verify_manifest
 
-from conftest import git, run_machinable
-
-
-def write(root: Path, rel: str, source: str) -> Path:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(source))
-    return path
-
-
-def commit_all(root: Path, message: str = "more") -> None:
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", message)
+from conftest import git, run_machinable, write, commit_all
 
 
 def worktrees(root: Path) -> list[str]:

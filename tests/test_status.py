@@ -12,19 +12,7 @@ import pytest
 from machinable import get
 from machinable.reproduce import status
 
-from conftest import git, run_machinable
-
-
-def write(root: Path, rel: str, source: str) -> Path:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(source))
-    return path
-
-
-def commit_all(root: Path, message: str = "more") -> None:
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", message)
+from conftest import git, run_machinable, write, commit_all
 
 
 TRAIN = """
