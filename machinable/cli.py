@@ -1202,19 +1202,8 @@ def list_command(
     _list_experiments(filters or [], state, since, limit, oldest, every or every_alias, as_json)
 
 
-@app.command("find", short_help="Same as `machinable list`.")
-def find_command(
-    filters: Annotated[Optional[list[str]], typer.Argument(metavar="[MODULE] [KEY=VALUE]...", help=_LIST_HELP["filters"], show_default=False)] = None,
-    state: Annotated[Optional[str], typer.Option("--state", metavar="STATE", help=_LIST_HELP["state"], show_default=False)] = None,
-    since: Annotated[Optional[str], typer.Option("--since", metavar="WHEN", help=_LIST_HELP["since"], show_default=False)] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", "-n", metavar="N", min=0, help=_LIST_HELP["limit"], show_default=False)] = None,
-    oldest: Annotated[bool, typer.Option("--oldest", help="Oldest first.")] = False,
-    every: Annotated[bool, typer.Option("--no-limit", help=_LIST_HELP["no_limit"])] = False,
-    every_alias: Annotated[bool, typer.Option("--all", hidden=True, help="Old name of --no-limit.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line, streamed.")] = False,
-) -> None:
-    """Find stored experiments: the same as `machinable list`."""
-    _list_experiments(filters or [], state, since, limit, oldest, every or every_alias, as_json)
+# `find` is `list` under another name: one function, so the two never drift apart
+app.command("find", short_help="Same as `machinable list`.")(list_command)
 
 
 @app.command("show", short_help="Everything stored about one experiment: config, code, git, environment, events, outputs.")
