@@ -686,8 +686,14 @@ def begin_seal(directory: Path) -> None:
 
 def seal_interrupted(directory: Path) -> bool:
     """True if a crash stopped a finishing run before its seal was complete
-    (before or after its MANIFEST was written)."""
-    return (directory / SEALING).exists()
+    (before or after its MANIFEST was written, or after the mark was removed
+    but before the folder's own write bit was cleared)."""
+    if (directory / SEALING).exists():
+        return True
+    try:
+        return is_sealed(directory) and bool(directory.lstat().st_mode & stat.S_IWUSR)
+    except FileNotFoundError:
+        return False
 
 
 def complete_seal(directory: Path) -> bool:

@@ -291,3 +291,17 @@ def test_sigkill_right_after_the_manifest_is_completed_by_the_next_launch(crash_
     assert not (directory / ".sealing").exists(), "the next launch completes the seal"
     assert all(not path.stat().st_mode & 0o222 for path in [directory, *directory.rglob("*")]
                if path.name != ".claim" and "reproductions" not in path.relative_to(directory).parts)
+
+
+def test_a_sealed_record_left_writable_is_made_read_only_by_the_next_launch(crash_project):
+    """A kill between removing .sealing and clearing the folder's write bit."""
+    storage = crash_project / "storage"
+    proc = _spawn(crash_project, 7)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+    (directory,) = _experiment_dirs(storage)
+    os.chmod(directory, directory.stat().st_mode | 0o200)  # the state such a kill leaves
+    finished = _check_readable(storage, {})
+    proc = _spawn(crash_project, 7)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+    assert _check_readable(storage, finished) == finished
+    assert not directory.stat().st_mode & 0o222, "the next launch clears the folder's write bit"
