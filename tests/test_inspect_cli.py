@@ -38,7 +38,7 @@ class Flaky(Experiment):
         return self.config.x
 '''
 
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+from conftest import run_in_terminal  # noqa: E402
 
 
 @pytest.fixture
@@ -57,27 +57,6 @@ def stored(project):
     experiments["gravity"] = get("estimate_gravity", {"time_dilation": 1.5, "verbose": False})
     experiments["gravity"].launch()
     return project, experiments
-
-
-def run_in_terminal(cwd: Path, *args: str, columns: int = 120) -> tuple[int, str]:
-    """Run the CLI with stdout and stderr on a pseudo-terminal; (exit code, text without colors)."""
-    leader, follower = pty.openpty()
-    env = {**os.environ, "COLUMNS": str(columns), "TERM": "xterm"}
-    process = subprocess.Popen([sys.executable, "-m", "machinable.cli", *args], cwd=cwd, stdin=subprocess.DEVNULL,
-                               stdout=follower, stderr=follower, env=env)
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the terminal closed with the process
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    code = process.wait(timeout=120)
-    return code, ANSI.sub("", b"".join(chunks).decode(errors="replace").replace("\r\n", "\n"))
 
 
 def ok(result: subprocess.CompletedProcess) -> str:

@@ -12,7 +12,7 @@ import pytest
 from machinable import get
 from machinable.reproduce import status
 
-from conftest import git, run_machinable, write, commit_all
+from conftest import git, run_in_terminal, run_machinable, write, commit_all
 
 
 TRAIN = """
@@ -145,22 +145,9 @@ def test_on_a_terminal_the_table_fits_its_width(project):
         pass
     get("estimate_gravity").launch()
 
-    leader, follower = pty.openpty()
-    process = subprocess.Popen([sys.executable, "-m", "machinable.cli", "status"], cwd=project, stdin=subprocess.DEVNULL,
-                               stdout=follower, stderr=follower, env={**os.environ, "COLUMNS": "100", "TERM": "dumb"})
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the terminal closed with the process
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    assert process.wait(timeout=120) == 0
-    lines = b"".join(chunks).decode().replace("\r\n", "\n").splitlines()
+    code, text = run_in_terminal(project, "status", columns=100, term="dumb")
+    assert code == 0
+    lines = text.splitlines()
 
     assert lines[0].split() == ["ID", "MODULE", "CONFIG", "STATE", "STATUS", "REASON"]
     assert all(len(line) <= 100 for line in lines), lines
