@@ -31,6 +31,7 @@ import re
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,6 +334,25 @@ def _close_keeping_wal() -> None:
     _open.clear()
 
 
+def _retry_busy(work: Callable[[], Any], deadline: float = 60.0) -> Any:
+    """Run ``work``, retrying while SQLite reports a busy database.
+
+    SQLite skips the busy handler where waiting could deadlock (a connection
+    that holds a read lock and asks for a write lock); such errors clear once
+    the other connection finishes, so they are retried here with backoff.
+    """
+    start, pause = time.monotonic(), 0.005
+    while True:
+        try:
+            return work()
+        except sqlite3.OperationalError as e:
+            text = str(e).lower()
+            if "locked" not in text and "busy" not in text or time.monotonic() - start > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
 def _keep_wal(conn: sqlite3.Connection, path: Path) -> None:
     global _at_exit_registered
     option = getattr(sqlite3, "SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE", None)
@@ -434,12 +454,13 @@ class Index:
                     # A WAL left by a deleted index would be replayed into the new one.
                     _unlink(self.path.with_name(self.path.name + "-wal"))
                     _unlink(self.path.with_name(self.path.name + "-shm"))
-                    return self._configure(sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False))
+                    conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+                    return self._configure(conn, locked=True)
         return self._configure(sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False))
 
-    def _configure(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+    def _configure(self, conn: sqlite3.Connection, locked: bool = False) -> sqlite3.Connection:
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            _retry_busy(lambda: self._ensure_wal(conn, locked))
             conn.execute("PRAGMA synchronous=NORMAL")
             if _schema_version(conn) != SCHEMA_VERSION:
                 conn.execute("BEGIN IMMEDIATE")
@@ -460,6 +481,21 @@ class Index:
             raise
         _keep_wal(conn, self.path)
         return conn
+
+    def _ensure_wal(self, conn: sqlite3.Connection, locked: bool) -> None:
+        """Switch a new index to WAL, one process at a time.
+
+        Two connections converting the same file at once can deadlock inside
+        SQLite, which then fails one of them with "database is locked" without
+        waiting for the busy timeout; the file lock serialises the conversion.
+        """
+        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+            return
+        if locked:  # the caller holds the file lock already (flock is not re-entrant)
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        with self._lock():
+            conn.execute("PRAGMA journal_mode=WAL")
 
     def _discard(self) -> None:
         """Delete a damaged index file (it is rebuilt from the directories)."""
