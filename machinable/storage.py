@@ -816,13 +816,22 @@ def _lines_problems(path: Path, what: str) -> tuple[list[dict[str, Any]], list[s
 
 def ledger_problems(directory: Path) -> list[str]:
     """Damage visible without re-hashing: an unreadable ledger, or a ledger
-    that contradicts the seal. ``file: message`` lines relative to ``directory``."""
+    that contradicts the seal. ``file: message`` lines relative to ``directory``.
+
+    A run may be sealing while this reads, so each file is looked at in the
+    order the run writes them (``.sealing``, the finished event, MANIFEST,
+    then ``.sealing`` removed): MANIFEST before the ledger (a MANIFEST seen
+    means the finished event is there to read), and the ledger before
+    ``.sealing`` before MANIFEST again (a finished event seen means either the
+    mark or the MANIFEST is there to see).
+    """
+    sealed = is_sealed(directory)
     events, problems = _lines_problems(directory / "events.jsonl", "event")
     found = [f"events.jsonl: {p}" for p in problems]
     finished = any(row.get("event") == "finished" for row in events)
-    if is_sealed(directory) and not finished:
+    if sealed and not finished:
         found.append("events.jsonl: has no 'finished' event, yet the record is sealed (MANIFEST): the ledger is damaged")
-    elif finished and not is_sealed(directory) and not (directory / SEALING).exists():
+    elif finished and not sealed and not (directory / SEALING).exists() and not is_sealed(directory):
         found.append("MANIFEST: missing: the record is finished but its MANIFEST was deleted, so its files cannot be checked")
     return found
 
@@ -840,7 +849,8 @@ def looks_damaged(directory: Path, row: dict[str, Any]) -> bool:
     try:
         sealed = os.stat(directory / MANIFEST).st_mtime_ns
     except FileNotFoundError:
-        return row.get("state") == "finished" and not (directory / SEALING).exists()
+        # .sealing before MANIFEST again: a run sealing right now writes MANIFEST before removing the mark
+        return row.get("state") == "finished" and not (directory / SEALING).exists() and not is_sealed(directory)
     except OSError:
         return True
     try:
