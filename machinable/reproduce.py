@@ -54,18 +54,21 @@ class StatusRow:
     module: str
     config: dict[str, Any]
     config_hash: str
-    seed: str
+    seed: int | None
     created: str
     state: str
-    code: str  # "fresh" or "stale"
+    code: str  # "fresh", "stale", or "unknown" (a damaged record)
     changed: list[str] = field(default_factory=list)  # closure files that differ, e.g. "helper.py changed"
     finished: bool = False  # a finished record with the current code exists (for this config)
     reason: str | None = None  # scheduler reason, or the error of a failed run
     execution: str | None = None
     experiments: int = 1  # records of this config (per-config rows)
+    damage: str | None = None  # what is wrong with a damaged record (``machinable verify`` lists all)
 
     @property
     def verdict(self) -> str:
+        if self.damage is not None:
+            return "damaged"
         if self.code == "stale":
             return "stale"
         return "fresh" if self.finished else "unfinished"
@@ -106,6 +109,10 @@ class StatusReport:
     def unfinished(self) -> list[StatusRow]:
         return [row for row in self.rows if row.verdict == "unfinished"]
 
+    @property
+    def damaged(self) -> list[StatusRow]:
+        return [row for row in self.rows if row.verdict == "damaged"]
+
     def as_json(self) -> dict[str, Any]:
         return {
             "storage": str(self.storage),
@@ -131,7 +138,7 @@ class StatusReport:
         varying = _varying_keys(self.rows)
         headers = ["ID", "MODULE", "CONFIG", "STATE", "STATUS"]
         cells = [
-            [row.id[:SHORT], row.module, _config_text(row.config, varying.get(row.module, [])), row.state, _status_text(row)]
+            [row.id[:SHORT], row.module or "?", _config_text(row.config, varying.get(row.module, [])), row.state, _status_text(row)]
             for row in self.rows
         ]
         if any(row.reason for row in self.rows):
@@ -144,13 +151,21 @@ class StatusReport:
         lines = _table(headers, cells)
         unit = ("config" if self.per == "config" else "experiment") + ("s" if len(self.rows) != 1 else "")
         counts = [f"{sum(r.verdict == v for r in self.rows)} {v}" for v in ("fresh", "stale", "unfinished")]
+        if self.damaged:
+            counts.append(f"{len(self.damaged)} damaged")
         lines.append(f"{len(self.rows)} {unit}: {', '.join(counts)}.")
+        if self.damaged:
+            first = self.damaged[0].id[:SHORT]
+            lines.append(f"damaged records: `machinable verify {first}` lists every problem; "
+                         f"`machinable gc --include-finished {first}` removes one, and launching its config again creates a new one.")
         for module, changes in sorted(self.drift.items()):
             lines.append(f"environment drift since the newest {module} record: {'; '.join(changes)}")
         return "\n".join(lines)
 
 
 def _status_text(row: StatusRow, most: int = 3) -> str:
+    if row.verdict == "damaged":
+        return f"damaged: {row.damage}"
     if row.verdict == "stale":
         named = ", ".join(row.changed[:most]) or "code changed"
         more = f" (+{len(row.changed) - most} more)" if len(row.changed) > most else ""
@@ -228,16 +243,21 @@ def status(modules: Sequence[str] | None = None, *, every: bool = False, reconci
     records = _load_rows(storage, names)
     if not records:
         return report
-    _refresh_states(storage, project, records, reconcile)
+    damaged = {rec["id"]: problem for rec in records if (problem := _damage(storage, rec)) is not None}
+    _refresh_states(storage, project, [rec for rec in records if rec["id"] not in damaged], reconcile)
     code = _CodeCache(project, storage)
     if every:
         for rec in records:
+            if rec["id"] in damaged:
+                report.rows.append(_damaged_row(rec, damaged[rec["id"]]))
+                continue
             fresh = code.current_hash(rec["module"]) == rec["code_hash"]
             report.rows.append(_row(rec, code, fresh, finished=fresh and rec["state"] == "finished"))
     else:
         groups: dict[str, list[dict[str, Any]]] = {}
         for rec in records:  # newest first
-            groups.setdefault(rec["config_hash"], []).append(rec)
+            if rec["id"] not in damaged:  # a damaged record is a row of its own, never a config's representative
+                groups.setdefault(rec["config_hash"], []).append(rec)
         for group in groups.values():
             current = code.current_hash(group[0]["module"])
             same_code = [r for r in group if r["code_hash"] == current]
@@ -246,14 +266,16 @@ def status(modules: Sequence[str] | None = None, *, every: bool = False, reconci
             row = _row(chosen, code, bool(same_code), finished=bool(finished))
             row.experiments = len(group)
             report.rows.append(row)
-    report.drift = _drift(storage, records)
+        report.rows.extend(_damaged_row(rec, damaged[rec["id"]]) for rec in records if rec["id"] in damaged)
+    report.drift = _drift(storage, [rec for rec in records if rec["id"] not in damaged])
     return report
 
 
 def _load_rows(storage: Storage, modules: list[str]) -> list[dict[str, Any]]:
     where, params = "1", ()
     if modules:
-        where = f"module IN ({','.join('?' * len(modules))})"
+        # with the records whose module cannot be read: they may be of these modules, and hiding them would pass a check
+        where = f"(module IN ({','.join('?' * len(modules))}) OR module = '')"
         params = tuple(modules)
     rows = []
     for row in storage.fresh_index().iter_query(where, params, order="created DESC"):
@@ -400,17 +422,44 @@ class _CodeCache:
         return out
 
 
-def _row(rec: dict[str, Any], code: _CodeCache, fresh: bool, *, finished: bool) -> StatusRow:
+def _damage(storage: Storage, rec: dict[str, Any]) -> str | None:
+    """What is wrong with a record that the index or a few ``stat`` calls show damaged (None if intact)."""
+    from machinable.index import DAMAGED, live_state
+    from machinable.storage import record_problems
+
+    if rec["state"] != DAMAGED and live_state(storage.root, rec) != DAMAGED:
+        return None
+    problems = record_problems(storage.root, rec["id"], rehash=False)
+    if not problems:
+        return "damaged"
+    first = problems[0]
+    name = first.file.split("/", 1)[-1]
+    message = first.message.removeprefix("damaged: ")  # the status column says it already
+    return f"{name}: {message}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
+def _damaged_row(rec: dict[str, Any], damage: str) -> StatusRow:
+    row = _row(rec, None, True, finished=False)
+    row.code, row.damage = "unknown", damage
+    return row
+
+
+def _seed(value: Any) -> int | None:
+    text = str(value)
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def _row(rec: dict[str, Any], code: _CodeCache | None, fresh: bool, *, finished: bool) -> StatusRow:
     return StatusRow(
         id=rec["id"],
         module=rec["module"],
         config=rec["config"],
         config_hash=rec["config_hash"],
-        seed=str(rec["seed"]),
+        seed=_seed(rec["seed"]),
         created=rec["created"],
         state=rec["state"],
         code="fresh" if fresh else "stale",
-        changed=[] if fresh else code.changed(rec),
+        changed=[] if fresh or code is None else code.changed(rec),
         finished=finished,
         reason=rec.get("reason"),
         execution=rec.get("execution"),

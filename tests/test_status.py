@@ -349,3 +349,47 @@ STOPPED = """
         def reconcile(cls, experiments):
             return {e.experiment_id: {"state": "asked"} for e in experiments}
 """
+
+
+def test_a_damaged_record_is_its_own_row_and_fails_the_check(project):
+    write(project, "helpers.py", HELPERS)
+    write(project, "train.py", TRAIN)
+    commit_all(project)
+    kept = get("train", {"lr": 0.1})
+    kept.launch()
+    lost = get("train", {"lr": 0.2})
+    lost.launch()
+    assert run_machinable(project, "status", "train", "--check").returncode == 0
+
+    # the MANIFEST of a finished record deleted: a CI check must not call that config fresh
+    lost.directory.chmod(0o755)
+    (lost.directory / "MANIFEST").unlink()
+    damaged = run_machinable(project, "status", "train", "--check")
+    assert damaged.returncode == 1, damaged.stdout + damaged.stderr
+    row = next(line for line in damaged.stdout.splitlines() if line.startswith(lost.experiment_id[:12]))
+    assert "finished" in row and "damaged: MANIFEST: missing" in row
+    assert "2 configs: 1 fresh, 0 stale, 0 unfinished, 1 damaged." in damaged.stdout
+    assert f"`machinable verify {lost.experiment_id[:12]}`" in damaged.stdout
+    report = json.loads(run_machinable(project, "status", "--json").stdout)
+    assert report["ok"] is False
+    assert {r["id"]: r["verdict"] for r in report["rows"]} == {kept.experiment_id: "fresh", lost.experiment_id: "damaged"}
+    assert all(isinstance(r["seed"], int) for r in report["rows"])
+
+
+def test_a_record_whose_module_cannot_be_read_fails_a_module_check(project):
+    write(project, "helpers.py", HELPERS)
+    write(project, "train.py", TRAIN)
+    commit_all(project)
+    experiment = get("train", {"lr": 0.1})
+    experiment.launch()
+    directory = experiment.directory
+    directory.chmod(0o755)
+    (directory / "experiment.json").chmod(0o644)
+    (directory / "experiment.json").write_text('{"module": "tra')  # truncated
+    assert run_machinable(project, "index", "--rebuild").returncode == 0  # as in a fresh CI clone
+
+    result = run_machinable(project, "status", "train", "--check")
+    assert result.returncode == 1, result.stdout + result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith(experiment.experiment_id[:12]))
+    assert row.split()[1] == "?" and "damaged: experiment.json: not valid JSON" in row
+    assert "Nothing to check" not in result.stdout + result.stderr
