@@ -47,9 +47,22 @@ _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _state: dict[str, Any] = {"debug": False}
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the final flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _out(text: str = "") -> None:
     """A line of the command's own output (stdout)."""
-    print(text, flush=True)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # `machinable status | head`: the reader has all it wants. Not an error: the
+        # command goes on without output, so its exit code still tells its verdict.
+        _silence_stdout()
+        _state["stdout_closed"] = True
 
 
 def _note(text: str) -> None:
@@ -775,7 +788,7 @@ def status_command(
             raise typer.Exit(1)
         return
     try:
-        while True:
+        while not _state.get("stdout_closed"):  # nobody reads the refreshes any more
             show()
             time.sleep(interval)
     except KeyboardInterrupt:  # how --watch ends
@@ -1165,8 +1178,7 @@ def _list_experiments(filters: list[str], state: str | None, since: str | None, 
                 shown += 1
             out.flush()
     except BrokenPipeError:  # `machinable list | head`: the reader has all it wants
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()
         return
     if not shown and limit != 0:
         _list_nothing_found(storage, module, values)
@@ -1349,6 +1361,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     _state["debug"] = "--debug" in args or os.environ.get("MACHINABLE_DEBUG", "") not in ("", "0")
+    _state["stdout_closed"] = False
     click_exceptions = _click().exceptions
     try:
         result = app(args=args, prog_name=PROG, standalone_mode=False)
@@ -1380,6 +1393,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _note("Interrupted.")
         return 130
+    except BrokenPipeError:  # output not written through _out, to a reader that has all it wants
+        try:
+            _silence_stdout()
+        except (OSError, ValueError, AttributeError):  # no real stdout to point elsewhere
+            pass
+        return 0
+    except SystemExit as e:
+        # click ends a command whose stdout was closed with exit 1 (and pacifies stdout); that is no failure
+        if e.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            return 0
+        raise
     except Exception as e:
         if _state["debug"]:
             import traceback

@@ -393,3 +393,31 @@ def test_a_record_whose_module_cannot_be_read_fails_a_module_check(project):
     row = next(line for line in result.stdout.splitlines() if line.startswith(experiment.experiment_id[:12]))
     assert row.split()[1] == "?" and "damaged: experiment.json: not valid JSON" in row
     assert "Nothing to check" not in result.stdout + result.stderr
+
+
+def _with_stdout_closed(cwd: Path, *args: str) -> tuple[int, str]:
+    """Run the CLI with a reader that has gone before it writes (`machinable status | true`)."""
+    import os
+    import subprocess
+    import sys
+
+    read, write_end = os.pipe()
+    os.close(read)
+    proc = subprocess.run([sys.executable, "-m", "machinable.cli", *args], cwd=cwd, stdout=write_end,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("args", [("status",), ("status", "--json"), ("status", "--check"), ("list",), ("verify",), ("--help",)])
+def test_a_closed_stdout_is_no_failure(project, args):
+    get("estimate_gravity").launch()
+    code, err = _with_stdout_closed(project, *args)
+    assert (code, err) == (0, "")
+
+
+def test_a_closed_stdout_keeps_the_checks_verdict(project):
+    get("estimate_gravity").launch()
+    (project / "estimate_gravity.py").write_text((project / "estimate_gravity.py").read_text() + "\nEXTRA = 1\n")
+    code, err = _with_stdout_closed(project, "status", "--check")
+    assert (code, err) == (1, "")
