@@ -1119,6 +1119,9 @@ def _compare(original: _Original, reproduced: Path, report: ReproductionReport, 
     recorded = original.directory
     report.comparisons.append(_compare_run(report, reproduced))
     report.comparisons.append(_compare_code(recorded, reproduced))
+    integrity = _original_integrity(recorded)
+    if integrity is not None:  # only shown when something is wrong: an intact original is the norm
+        report.comparisons.append(integrity)
     try:
         report.environment = environment_differences(read_json(recorded / "env.json"), read_json(reproduced / "env.json"))
     except (FileNotFoundError, MachinableError):
@@ -1133,6 +1136,20 @@ def _compare(original: _Original, reproduced: Path, report: ReproductionReport, 
         report.comparisons.append(_compare_file(f"data/{name}", recorded / "data" / name, reproduced / "data" / name, rtol, atol))
     if compare_output:
         report.comparisons.append(_compare_output(recorded / "output.log", reproduced / "output.log"))
+
+
+def _original_integrity(recorded: Path) -> Comparison | None:
+    """A mismatch when the original record fails ``verify``: outputs compared
+    against a damaged or altered record prove nothing."""
+    from machinable.storage import record_problems
+
+    problems = record_problems(recorded.parent, recorded.name)
+    if not problems:
+        return None
+    first = problems[0]
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return Comparison("original", False, f"the original record fails verify: {first.file.split('/', 1)[-1]}: "
+                                         f"{first.message}{more}; `machinable verify {recorded.name[:SHORT]}` lists every problem")
 
 
 def _compare_run(report: ReproductionReport, reproduced: Path) -> Comparison:

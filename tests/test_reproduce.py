@@ -491,3 +491,19 @@ def test_ctrl_c_stops_at_once_and_records_the_attempt_as_interrupted(project, tm
     assert shown.stdout.splitlines()[-1].endswith("interrupted (Ctrl-C) before its verdict")
     for experiment in experiments:
         assert experiment.is_finished() and verify_manifest(experiment.directory) == []
+
+
+def test_a_damaged_original_fails_the_check_even_when_its_outputs_reproduce(project):
+    experiment = get("estimate_gravity", {"time_dilation": 1.5})
+    experiment.launch()
+    experiment.directory.chmod(0o755)
+    (experiment.directory / "MANIFEST").unlink()  # nothing left to vouch for the record's files
+
+    result = run_machinable(project, "reproduce", experiment.short_id, "--check")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    rows = {line.split()[0]: line.split(maxsplit=2)[1:] for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert rows["result"] == ["match", "513.5802469135804"]  # the outputs themselves agree
+    verdict, detail = rows["original"]
+    assert verdict == "MISMATCH" and "MANIFEST: missing" in detail and f"machinable verify {experiment.short_id}" in detail
+    assert "NOT reproduced: 4 of 5 match" in result.stdout
