@@ -666,7 +666,9 @@ class Experiment(Element):
                     cause = f"sys.exit({e.code!r})"
                 else:  # a named exit, such as the Slurm job's TerminatedBySlurm on SIGTERM
                     cause = f"{type(e).__name__}, exit {e.code!r}"
-                line = f"machinable: interrupted: {self.short_id} ({cause}); launching again resumes it\n"
+                # a reproduction runs in a scratch storage: relaunching there resumes nothing of the user's
+                hint = os.environ.get("MACHINABLE_INTERRUPTED_HINT") or "launching again resumes it"
+                line = f"machinable: interrupted: {self.short_id} ({cause}); {hint}\n"
                 for tee in (sys.stdout, sys.stderr):
                     if isinstance(tee, _Tee):
                         tee.finish()

@@ -1053,6 +1053,7 @@ class _deferred_interrupts:
 
 def _child_main() -> None:
     """Entry point of the reproduction process (cwd: the worktree's project folder)."""
+    os.environ["MACHINABLE_INTERRUPTED_HINT"] = "this reproduction attempt stopped; the original record is unchanged"
     try:
         _child_run(Path(sys.argv[1]))
     except KeyboardInterrupt:  # passed on by the parent, which records the attempt as interrupted

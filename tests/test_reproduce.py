@@ -476,6 +476,7 @@ def test_ctrl_c_stops_at_once_and_records_the_attempt_as_interrupted(project, tm
     started = re.findall(r"^\[\w+\] started pid=(\d+)$", output, re.M)  # (a traceback may quote the line's source)
     assert len(started) == 1 and "reproduced" not in output and "match" not in output
     assert f"reproduce interrupted; {'2 attempts' if execution else '1 attempt'} recorded as interrupted." in stderr
+    assert "launching again resumes it" not in output + stderr  # nothing of the user's to resume: the original is finished
     attempts = [reproductions(e) for e in experiments]
     interrupted = [a for a in attempts if a]
     assert len(interrupted) == (2 if execution else 1)  # one process for the batch, or the first only
