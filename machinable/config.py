@@ -70,29 +70,17 @@ def config_class(element_cls: type) -> type:
 
 
 def _as_dataclass(declared: type) -> type:
-    namespace = {
-        key: value
-        for key, value in vars(declared).items()
-        if key not in ("__dict__", "__weakref__", "__dataclass_fields__", "__dataclass_params__")
-    }
-    annotations = dict(namespace.get("__annotations__", {}))
-    if dataclasses.is_dataclass(declared):
-        # drop what @dataclass generated (__init__, __eq__, ...; compiled from "<string>"), so the
-        # frozen dataclass made below generates its own; methods the user wrote are kept
-        namespace = {
-            key: value
-            for key, value in namespace.items()
-            if key != "__match_args__"
-            and not (key == "__hash__" and value is None)
-            and getattr(getattr(value, "__code__", None), "co_filename", None) != "<string>"
-        }
-        # keep defaults and factories the user declared with field()
-        for f in dataclasses.fields(declared):
-            if f.default is not dataclasses.MISSING:
-                namespace[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                namespace[f.name] = dataclasses.field(default_factory=f.default_factory)
-            annotations.setdefault(f.name, f.type)
+    """A frozen dataclass with the keys, defaults and methods of ``declared``
+    and of the classes it inherits from (``class Config(Base.Config)``), the
+    nearest definition winning, as for a dataclass subclass."""
+    namespace: dict[str, Any] = {}
+    annotations: dict[str, Any] = {}
+    for klass in reversed(declared.__mro__):
+        if klass is object or klass is ConfigMixin:
+            continue
+        own, own_annotations = _declared_namespace(klass)
+        namespace.update(own)
+        annotations.update(own_annotations)
     for key in annotations:
         value = namespace.get(key, dataclasses.MISSING)
         if isinstance(value, (list, dict, set)):
@@ -100,8 +88,40 @@ def _as_dataclass(declared: type) -> type:
     namespace["__annotations__"] = annotations
     namespace["__module__"] = declared.__module__
     namespace["__qualname__"] = declared.__qualname__
+    namespace["__doc__"] = declared.__doc__
     cls = type(declared.__name__, (ConfigMixin,), namespace)
     return dataclasses.dataclass(frozen=True)(cls)
+
+
+def _declared_namespace(declared: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What one class of a Config's hierarchy declares itself: attributes and annotations."""
+    namespace = {
+        key: value
+        for key, value in vars(declared).items()
+        if key not in ("__dict__", "__weakref__", "__dataclass_fields__", "__dataclass_params__",
+                       "__annotations__", "__module__", "__qualname__", "__doc__")
+    }
+    annotations = dict(vars(declared).get("__annotations__", {}))
+    if dataclasses.is_dataclass(declared):
+        # drop what @dataclass generated (__init__, __eq__, ...; compiled from "<string>"), so the
+        # frozen dataclass made from it generates its own; methods the user wrote are kept
+        namespace = {
+            key: value
+            for key, value in namespace.items()
+            if key != "__match_args__"
+            and not (key == "__hash__" and value is None)
+            and getattr(getattr(value, "__code__", None), "co_filename", None) != "<string>"
+        }
+        # keep defaults and factories the user declared with field() (in this class: inherited
+        # fields come from the base class's own turn)
+        for f in dataclasses.fields(declared):
+            if f.name not in annotations:
+                continue
+            if f.default is not dataclasses.MISSING:
+                namespace[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                namespace[f.name] = dataclasses.field(default_factory=f.default_factory)
+    return namespace, annotations
 
 
 def _copier(value: Any) -> Any:

@@ -296,3 +296,63 @@ def test_the_command_line_names_an_unannotated_attribute_as_a_usage_error(plain_
         "Error: Config key 'untyped' of untyped cannot be set: 'untyped' in Untyped.Config has no type annotation, "
         "so it is a plain class attribute, not a config key. Write `untyped: int = 5` to make it one."
     )
+
+
+BASE_EXPERIMENT = """
+    from dataclasses import dataclass, field
+    from machinable import Experiment
+
+
+    class Base(Experiment):
+        {decorator}
+        class Config:
+            a: int = 1
+            tags: list[str] = {tags}
+
+            def __post_init__(self):
+                if self.a < 0:
+                    raise ValueError(f"a must not be negative, got {{self.a}}")
+
+        def on_execute(self):
+            return self.compute()
+
+        def compute(self):
+            return self.config.a
+"""
+
+DERIVED_EXPERIMENT = """
+    from __future__ import annotations
+
+    from dataclasses import dataclass
+    from base_experiment import Base
+
+
+    class Derived(Base):
+        {decorator}
+        class Config(Base.Config):
+            b: int = 2
+            a: int = 10  # a new default for an inherited key
+
+        def compute(self):
+            return self.config.a + self.config.b + len(self.config.tags)
+"""
+
+
+@pytest.mark.parametrize("decorator", ["", "@dataclass"])
+def test_a_config_inherits_the_keys_defaults_and_checks_of_its_base(plain_project, decorator):
+    tags = '["x"]' if not decorator else 'field(default_factory=lambda: ["x"])'
+    (plain_project / "base_experiment.py").write_text(textwrap.dedent(BASE_EXPERIMENT.format(decorator=decorator, tags=tags)))
+    (plain_project / "derived.py").write_text(textwrap.dedent(DERIVED_EXPERIMENT.format(decorator=decorator)))
+
+    derived = get("derived")
+    assert derived.config.keys() == ["a", "tags", "b"]  # base keys first, as for a dataclass subclass
+    assert (derived.config.a, derived.config["b"], derived.config.tags) == (10, 2, ["x"])
+    assert get("derived", {"a": "5", "b": 1}).config.a == 5  # inherited keys are coerced like own ones
+    with pytest.raises(ConfigError, match=r"a must not be negative, got -1"):  # the base's check still runs
+        get("derived", {"a": -1})
+    with pytest.raises(ConfigError, match=r"Unknown config key 'c'"):
+        get("derived", {"c": 1})
+    assert get("derived", {"a": 10}).config_hash == derived.config_hash  # a default given explicitly
+    derived.launch()
+    assert derived.result == 13
+    assert get("base_experiment").config.keys() == ["a", "tags"]  # the base is unchanged
