@@ -1161,7 +1161,7 @@ def _list_experiments(filters: list[str], state: str | None, since: str | None, 
     terminal = sys.stdout.isatty() and not as_json
     capped = terminal and limit is None and not every
     found = storage.find(module, state=state, since=since, limit=50 if capped else limit,
-                         order="oldest" if oldest else "newest", config=values)
+                         order="oldest" if oldest else "newest", config=values, check_keys=False)  # keys: checked above
     shown = 0
     try:
         if terminal:

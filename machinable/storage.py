@@ -961,9 +961,16 @@ class Storage(Element):
     class Config:
         directory: str = ""
 
-    def __init__(self, config: dict[str, Any] | None = None, *, module: str | None = None, project: Any = None) -> None:
+    def __init__(self, config: dict[str, Any] | str | os.PathLike[str] | None = None, *, module: str | None = None,
+                 project: Any = None) -> None:
+        if isinstance(config, (str, os.PathLike)):  # Storage('/data/runs')
+            config = {"directory": os.fspath(config)}
         super().__init__(config, module=module or "machinable.storage", project=project)
-        directory = self.config.directory or os.environ.get("MACHINABLE_STORAGE") or "storage"
+        directory = self.config.directory
+        if not directory:  # Storage() inside `with get('machinable.storage', {...}):` is that storage
+            active = Element.current(Storage)
+            directory = str(active.root) if active is not None else ""
+        directory = directory or os.environ.get("MACHINABLE_STORAGE") or "storage"
         path = Path(directory).expanduser()
         if not path.is_absolute():
             path = self.project.path / path
@@ -1174,7 +1181,7 @@ class Storage(Element):
 
     def find(self, module: str | None = None, *, state: str | None = None, since: Any = None,
              limit: int | None = None, offset: int = 0, order: str = "newest",
-             config: dict[str, Any] | None = None, **values: Any) -> Any:
+             config: dict[str, Any] | None = None, check_keys: bool = True, **values: Any) -> Any:
         """Stored experiments matching a module, state, creation time and config values.
 
         ``Storage().find('estimate_gravity', time_dilation=1.5, state='finished')``
@@ -1183,7 +1190,9 @@ class Storage(Element):
         ``.first()``. There is no silent cap: without ``limit`` every match
         is yielded, a page at a time. Config values match by flat key
         (``**{'model.lr': 0.1}``) and loosely by type (``1`` finds ``1.0``);
-        pass ``config={...}`` for keys named like the parameters here.
+        pass ``config={...}`` for keys named like the parameters here. A key that
+        no stored experiment (of ``module``) has is refused as a likely typo,
+        naming the closest stored key (``check_keys=False`` allows it).
         ``since``: a datetime, date, ISO text or a duration back (``'7d'``).
         """
         from machinable.config import flatten
@@ -1199,6 +1208,8 @@ class Storage(Element):
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise UsageError(f"Invalid offset {offset!r}: give a number >= 0.")
         wanted = flatten({**(config or {}), **values})
+        if wanted and check_keys and self.root.is_dir():
+            self._check_stored_keys(module or None, list(wanted))
         query = Query(
             module=module or None,
             state=state,
@@ -1206,3 +1217,29 @@ class Storage(Element):
             config={key: value_keys(value) for key, value in wanted.items()},
         )
         return Found(self, query, order=order, limit=limit, offset=offset)
+
+    def _check_stored_keys(self, module: str | None, keys: list[str]) -> None:
+        """A config key that no stored experiment (of ``module``) has is a typo, not an empty result.
+
+        Checked against what is stored rather than the module's current Config, so
+        that keys of older code versions still find the experiments that have them.
+        """
+        from machinable.config import close_keys
+        from machinable.errors import UsageError
+
+        db = self.fresh_index().db
+        of = "experiments e JOIN config_values c ON c.id = e.id"
+        where, params = ("e.module = ?", (module,)) if module else ("1", ())
+        if db.execute(f"SELECT 1 FROM experiments e WHERE {where} LIMIT 1", params).fetchone() is None:
+            return  # nothing stored to check against: no match is the true answer
+        for key in keys:
+            if db.execute(f"SELECT 1 FROM {of} WHERE c.key = ? AND {where} LIMIT 1", (key, *params)).fetchone():
+                continue
+            known = [row[0] for row in db.execute(f"SELECT DISTINCT c.key FROM {of} WHERE {where} ORDER BY c.key", params)]
+            close = close_keys(key, known)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            among = f"experiment of {module}" if module else "experiment"
+            raise UsageError(
+                f"No stored {among} has the config key {key!r}.{hint} "
+                f"Stored keys: {', '.join(known) or '(none)'}."
+            )

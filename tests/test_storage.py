@@ -365,3 +365,30 @@ def test_experiments_of_a_storage_in_another_project_folder(project, tmp_path):
     proc = run_python(elsewhere, script)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [experiment.experiment_id, "finished", "1.0", "1155.5555555555557"]
+
+
+def test_storage_from_a_path_and_inside_a_storage_context(project, tmp_path):
+    other = tmp_path / "other-runs"
+    with get("machinable.storage", {"directory": str(other)}):
+        get("estimate_gravity", {"time_dilation": 2.0}).launch()
+        inside = Storage()  # the storage in use, as get.all() sees it
+        assert inside.root == other
+        assert [e.config.time_dilation for e in inside.find("estimate_gravity")] == [2.0]
+    assert Storage(other).root == other and Storage(str(other)).find("estimate_gravity").count() == 1
+    assert Storage().root == project / "storage"  # outside the context: the project's default
+    assert not (project / "storage").exists()  # nothing was launched there
+
+
+def test_find_with_a_config_key_no_stored_experiment_has_is_a_typo(project):
+    from machinable.errors import UsageError
+
+    assert Storage().find("estimate_gravity", time_diliation=1.0).count() == 0  # nothing stored yet: no error
+    get("estimate_gravity", {"time_dilation": 2.0}).launch()
+    with pytest.raises(UsageError, match=r"No stored experiment of estimate_gravity has the config key 'time_diliation'\. "
+                                         r"Did you mean 'time_dilation'\? Stored keys: time_dilation, verbose\."):
+        Storage().find("estimate_gravity", time_diliation=2.0)
+    with pytest.raises(UsageError, match=r"No stored experiment has the config key 'lr'"):
+        Storage().find(lr=0.1)
+    assert Storage().find("estimate_gravity", time_dilation=3.0).count() == 0  # a known key, no match: empty
+    assert Storage().find("estimate_gravity", verbose=True).count() == 1  # a default counts as stored
+    assert Storage().find("elsewhere", lr=0.1).count() == 0  # a module with nothing stored: empty
