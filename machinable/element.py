@@ -25,6 +25,8 @@ class Element:
 
         self.project = project or Project.get()
         self.module = module or type(self).__module__
+        if self.module == "__main__":
+            self.module = _main_module_name(type(self), self.project)
         cls = config_class(type(self))
         self._config = make_config(cls, config, where=self.module)
         check_storable(cls, self._config, where=self.module)
@@ -57,3 +59,32 @@ class Element:
             if isinstance(element, kind):
                 return element
         return None
+
+
+def _main_module_name(cls: type, project: Any) -> str:
+    """The project module a class defined in ``__main__`` lives in: the script's file
+    (``python train.py``), if it is a project module. A notebook or ``python -c``
+    has no file to hash or to import the class from again, which is an error here
+    rather than a confusing one at launch."""
+    import os
+    import sys
+
+    from machinable.errors import UsageError
+
+    file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if file and file.endswith(".py"):
+        path = os.path.abspath(file)
+        root = os.fspath(project.path)
+        if path.startswith(root + os.sep):
+            parts = os.path.relpath(path, root)[: -len(".py")].split(os.sep)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if parts and all(part.isidentifier() for part in parts):
+                return ".".join(parts)
+    where = f"the script {file}, which is outside the project {project.path}" if file else "__main__ (a notebook, the REPL or python -c)"
+    raise UsageError(
+        f"{cls.__name__} is defined in {where}: machinable hashes and re-imports an experiment's code from its module "
+        f"file. Move the class into a module of the project (for example {cls.__name__.lower()}.py) and use "
+        f"get({cls.__name__.lower()!r})."
+    )
+

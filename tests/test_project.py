@@ -179,3 +179,52 @@ def test_available_modules(project):
     write(project, "pkg/mod.py", "")
     names = Project.get().available_modules()
     assert {"estimate_gravity", "multiprocess_execution", "pkg.mod"} <= set(names)
+
+
+INLINE = """
+from machinable import Experiment
+
+
+class Mine(Experiment):
+    class Config:
+        a: int = 1
+
+    def on_execute(self):
+        print("ran", self.config.a)
+        return self.config.a
+"""
+
+
+def test_an_experiment_defined_in_python_c_is_refused_when_made(project):
+    from conftest import run_python
+
+    result = run_python(project, INLINE + "\nMine()\n")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "machinable.errors.UsageError: Mine is defined in __main__ (a notebook, the REPL or python -c): machinable "
+        "hashes and re-imports an experiment's code from its module file. Move the class into a module of the project "
+        "(for example mine.py) and use get('mine')."
+    )
+    assert not (project / "storage").exists()
+
+
+def test_an_experiment_defined_in_a_script_of_the_project_is_that_module(project):
+    import subprocess
+    import sys
+
+    from conftest import commit_all
+
+    write(project, "tools/run_mine.py", INLINE + """
+if __name__ == "__main__":
+    from machinable import get
+
+    experiment = Mine({"a": 3})
+    experiment.launch()
+    print(experiment.module, experiment.result)
+""")
+    commit_all(project)
+    result = subprocess.run([sys.executable, "tools/run_mine.py"], cwd=project, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["ran 3", "tools.run_mine 3"]
+    again = get("tools.run_mine", {"a": 3})
+    assert again.is_finished() and again.result == 3  # the same experiment, found by its module name
