@@ -818,7 +818,9 @@ class ExperimentDiff:
         a, b = self.a.environment, self.b.environment
         out: dict[str, Any] = {key: [a.get(key), b.get(key)] for key in _ENV_KEYS if a.get(key) != b.get(key)}
         pa, pb = a.get("packages") or {}, b.get("packages") or {}
-        packages = {name: [pa.get(name), pb.get(name)] for name in sorted(set(pa) | set(pb)) if pa.get(name) != pb.get(name)}
+        # env.json lists the packages the closure imports: one absent on one side was not imported there
+        packages = {name: [pa.get(name, NOT_IMPORTED), pb.get(name, NOT_IMPORTED)]
+                    for name in sorted(set(pa) | set(pb)) if pa.get(name, NOT_IMPORTED) != pb.get(name, NOT_IMPORTED)}
         if packages:
             out["packages"] = packages
         return out
@@ -974,6 +976,9 @@ def _render_git_diff(section: dict[str, Any]) -> list[str]:
         out.append(f"  uncommitted changes: a: {', '.join(unc['files_a']) or 'none'}; b: {', '.join(unc['files_b']) or 'none'}")
         out += ["    " + line for line in unc["diff"].splitlines()]
     return out
+
+
+NOT_IMPORTED = "(not imported)"
 
 
 def _render_env_diff(section: dict[str, Any]) -> list[str]:
