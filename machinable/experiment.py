@@ -55,6 +55,8 @@ from machinable.storage import (
 )
 
 SHORT = 12
+#: the files in data/ that hold the value on_execute returns (one of them, or none)
+RESULT_FILES = ("result.json", "result.pickle")
 
 
 class ConfigView:
@@ -749,10 +751,14 @@ class Experiment(Element):
     def _save_result(self, result: Any) -> str | None:
         if result is None:
             return None
-        try:
-            data = dumps_value(result)  # NaN and infinity kept (see dumps_value)
-        except TypeError:
-            self.save_data("result.pickle", result)
+        data: bytes | None = None
+        if not _holds_ndarray(result):  # as JSON an array would come back as nested lists, its dtype lost
+            try:
+                data = dumps_value(result)  # NaN and infinity kept (see dumps_value)
+            except TypeError:
+                pass
+        if data is None:
+            self._write_data("result.pickle", result)
             return "pickle"
         atomic_write(self._data_dir() / "result.json", data)
         return "json"
@@ -836,8 +842,22 @@ class Experiment(Element):
         return path
 
     def save_data(self, name: str, value: Any) -> Path:
-        """Save ``value`` as data/<name>: .txt (str), .json, .npy (numpy), .p/.pkl/.pickle, else bytes/str."""
+        """Save ``value`` as data/<name>: .txt (str), .json, .npy (numpy), .p/.pkl/.pickle, else bytes/str.
+
+        ``result.json`` and ``result.pickle`` are refused: they hold the value
+        ``on_execute`` returns."""
         self._check_writable(f"save_data({name!r})")
+        path = self._data_path(name)
+        # compared without case: on a case-insensitive disk Result.JSON is the result's file too
+        reserved = path.relative_to(self.directory.resolve() / "data").as_posix().lower()
+        if reserved in RESULT_FILES:
+            raise ConfigError(
+                f"Invalid data file name {name!r}: data/{reserved} holds the experiment's returned result "
+                "(what on_execute() returns); save your file under another name."
+            )
+        return self._write_data(name, value)
+
+    def _write_data(self, name: str, value: Any) -> Path:
         path = self._data_path(name)
         self._data_dir()
         make_dirs(path.parent)
@@ -909,10 +929,9 @@ class Records(list):  # type: ignore[type-arg]
         return list(columns)
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """Per key: count and last value, and for numbers min, max and mean."""
-        from machinable.diff import summarize
-
-        return summarize(list(self))
+        """Per key: count and last value, and for numbers min, max and mean
+        (NaN and infinity included: see ``summarize_records``)."""
+        return summarize_records(list(self))
 
     def as_table(self) -> Any:
         """The rows as a table: a pandas DataFrame when pandas is installed, else a
@@ -922,6 +941,48 @@ class Records(list):  # type: ignore[type-arg]
         except ImportError:
             return RecordsTable(self.columns(), list(self))
         return pandas.DataFrame(list(self), columns=self.columns() or None)
+
+
+def summarize_records(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per key: count and last value; for numbers (bools aside) also min, max and mean.
+
+    Non-finite values stay visible, so that a diverged run does not look
+    healthy: min and max include infinities, and the mean is the IEEE one over
+    every number (inf when an inf is among them, NaN with both +inf and -inf).
+    A key with NaN values gets their count as ``nan`` and a NaN mean; min and
+    max skip NaN (Python's min and max with a NaN depend on the order), and are
+    NaN only when every number is.
+    """
+    stats: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        for key, value in row.items():
+            entry = stats.setdefault(key, {"count": 0, "numbers": 0, "nan": 0, "sum": 0.0, "min": None, "max": None, "last": None})
+            entry["count"] += 1
+            entry["last"] = value
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            entry["numbers"] += 1
+            if value != value:
+                entry["nan"] += 1
+                continue
+            entry["sum"] += value
+            entry["min"] = value if entry["min"] is None else min(entry["min"], value)
+            entry["max"] = value if entry["max"] is None else max(entry["max"], value)
+    out: dict[str, dict[str, Any]] = {}
+    for key, entry in stats.items():
+        summary: dict[str, Any] = {"count": entry["count"], "last": entry["last"]}
+        if entry["numbers"]:
+            nan = float("nan")
+            ordered = entry["numbers"] - entry["nan"]
+            summary.update(
+                min=nan if entry["min"] is None else entry["min"],
+                max=nan if entry["max"] is None else entry["max"],
+                mean=nan if entry["nan"] else entry["sum"] / ordered,
+            )
+            if entry["nan"]:
+                summary["nan"] = entry["nan"]
+        out[key] = summary
+    return out
 
 
 class RecordsTable:
@@ -997,6 +1058,24 @@ def _unstorable(value: Any, path: str) -> tuple[str, str] | None:
             if found is not None:
                 return found
     return path, f"a value of type {type(value).__module__ + '.' if type(value).__module__ != 'builtins' else ''}{type(value).__qualname__}"
+
+
+def _holds_ndarray(value: Any) -> bool:
+    """Whether ``value`` is, or its dicts, lists and tuples hold, a numpy array
+    (numpy is not imported for this: without it loaded, no value holds an array)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return False
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, numpy.ndarray):
+            return True
+        if isinstance(item, (dict, list, tuple)) and id(item) not in seen:
+            seen.add(id(item))
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return False
 
 
 def _importable(name: str) -> bool:

@@ -871,3 +871,187 @@ def test_record_names_the_key_and_the_type_it_cannot_store(project):
     assert nested.startswith("record(): 'metrics.val[1]' holds a value of type set,")
     assert key.startswith("record(): 'counts' holds a dict key of type int (1),")
     assert list(experiment.records()) == [{"step": 2, "ok": 1.0}]  # a refused row leaves nothing behind
+
+
+# --- the result's files, summaries with NaN and infinity, numpy results ------------------
+
+
+@pytest.mark.parametrize("returns", [True, False])
+def test_save_data_refuses_the_names_the_returned_result_is_stored_under(project, returns):
+    write(project, "clobber.py", """
+        from machinable import Experiment
+        from machinable.errors import ConfigError
+
+        class Clobber(Experiment):
+            class Config:
+                returns: bool = True
+
+            def on_execute(self):
+                for name in ("result.json", "result.pickle", "Result.JSON", "./result.pickle"):
+                    try:
+                        self.save_data(name, {"mine": 1})
+                    except ConfigError:
+                        continue
+                    raise AssertionError(f"save_data({name!r}) was accepted")
+                self.save_data("sub/result.json", {"nested": True})  # not the result's file
+                return 7 if self.config.returns else None
+    """)
+    experiment = get("clobber", {"returns": returns})
+    experiment.launch()
+    assert experiment.is_finished(), experiment.output()
+    data = experiment.directory / "data"
+    if returns:
+        assert experiment.result == 7
+        assert (data / "result.json").read_bytes() == b"7"
+        assert not (data / "result.pickle").exists()
+    else:
+        assert experiment.result is None
+        assert not (data / "result.json").exists() and not (data / "result.pickle").exists()
+    assert experiment.load_data("sub/result.json") == {"nested": True}
+
+
+def test_save_data_result_names_error_names_the_file_and_what_to_do(project):
+    write(project, "clobber.py", """
+        from machinable import Experiment
+        from machinable.errors import ConfigError
+
+        class Clobber(Experiment):
+            def on_execute(self):
+                messages = []
+                for name in ("result.json", "result.pickle"):
+                    try:
+                        self.save_data(name, [1, 2])
+                    except ConfigError as error:
+                        messages.append(str(error))
+                return messages
+    """)
+    experiment = get("clobber")
+    experiment.launch()
+    as_json, as_pickle = experiment.result
+    assert as_json == ("Invalid data file name 'result.json': data/result.json holds the experiment's returned result "
+                       "(what on_execute() returns); save your file under another name.")
+    assert as_pickle.startswith("Invalid data file name 'result.pickle': data/result.pickle holds the experiment's returned result")
+    assert sorted(p.name for p in (experiment.directory / "data").iterdir()) == ["result.json"]  # the returned list only
+
+
+DIVERGED = """
+    from machinable import Experiment
+
+    class Diverged(Experiment):
+        def on_execute(self):
+            for step, loss in enumerate([1.0, 0.5, float("inf"), float("nan"), 0.4]):
+                self.record(step=step, loss=loss, tag="x")
+"""
+
+
+def test_records_summary_keeps_nan_and_infinity_visible(project):
+    import math
+
+    from machinable.experiment import Records
+
+    write(project, "diverged.py", DIVERGED)
+    experiment = get("diverged")
+    experiment.launch()
+    summary = experiment.records().summary()
+    loss = summary["loss"]
+    assert (loss["count"], loss["last"], loss["min"], loss["max"], loss["nan"]) == (5, 0.4, 0.4, float("inf"), 1)
+    assert math.isnan(loss["mean"])
+    assert summary["step"] == {"count": 5, "last": 4, "min": 0, "max": 4, "mean": 2.0}  # no NaN: no nan count
+    assert summary["tag"] == {"count": 5, "last": "x"}
+
+    inf, nan = float("inf"), float("nan")
+    # min and max do not depend on where the NaN is
+    for values in ([nan, 1.0, 0.5], [1.0, nan, 0.5], [1.0, 0.5, nan]):
+        stats = Records({"v": v} for v in values).summary()["v"]
+        assert (stats["min"], stats["max"], stats["nan"]) == (0.5, 1.0, 1) and math.isnan(stats["mean"])
+    assert Records([{"v": 1.0}, {"v": inf}]).summary()["v"]["mean"] == inf
+    both = Records([{"v": -inf}, {"v": 2}, {"v": inf}]).summary()["v"]
+    assert (both["min"], both["max"]) == (-inf, inf) and math.isnan(both["mean"]) and "nan" not in both
+    only_nan = Records([{"v": nan}, {"v": nan}]).summary()["v"]
+    assert only_nan["nan"] == 2 and all(math.isnan(only_nan[k]) for k in ("min", "max", "mean"))
+    assert Records([{"ok": True}, {"ok": False}]).summary()["ok"] == {"count": 2, "last": False}
+
+
+@pytest.mark.xfail(reason="show/diff summarise records with machinable.diff.summarize, which still drops NaN and "
+                          "infinity; it should delegate to machinable.experiment.summarize_records (diff.py is owned elsewhere)")
+def test_show_prints_a_summary_with_nan_and_infinity_and_json_stays_valid(project):
+    from conftest import run_machinable
+
+    write(project, "diverged.py", DIVERGED)
+    experiment = get("diverged")
+    experiment.launch()
+
+    shown = run_machinable(project, "show", experiment.short_id)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    [line] = [line for line in shown.stdout.splitlines() if line.strip().startswith("loss ")]
+    assert "n=5 min=0.4 max=inf mean=nan" in line
+
+    as_json = run_machinable(project, "show", experiment.short_id, "--json")
+    assert as_json.returncode == 0, as_json.stdout + as_json.stderr
+
+    def refuse(token):
+        raise AssertionError(f"not strict JSON: {token}")
+
+    loss = json.loads(as_json.stdout, parse_constant=refuse)["records"]["summary"]["loss"]
+    assert loss == {"count": 5, "last": 0.4, "min": 0.4, "max": None, "mean": None, "nan": 1}
+
+
+NUMPY_RESULT = """
+    import numpy
+    from machinable import Experiment
+
+    class NumpyResult(Experiment):
+        class Config:
+            kind: str = "array"
+
+        def on_execute(self):
+            array = numpy.arange(6, dtype=numpy.float32).reshape(2, 3) / 3
+            if self.config.kind == "array":
+                return array
+            if self.config.kind == "nested":
+                return {"weights": [numpy.array([1, 2], dtype=numpy.int16)], "accuracy": 0.9}
+            if self.config.kind == "scalar":
+                return numpy.array(2.5, dtype=numpy.float16)
+            return {"accuracy": numpy.float32(0.5), "epochs": numpy.int64(3)}  # numpy scalars: JSON numbers
+"""
+
+
+def test_a_numpy_array_result_is_pickled_and_comes_back_with_its_dtype_and_shape(project):
+    numpy = pytest.importorskip("numpy")
+    write(project, "numpy_result.py", NUMPY_RESULT)
+
+    array = get("numpy_result")
+    array.launch()
+    result = array.result
+    assert isinstance(result, numpy.ndarray) and result.dtype == numpy.float32 and result.shape == (2, 3)
+    assert numpy.array_equal(result, numpy.arange(6, dtype=numpy.float32).reshape(2, 3) / 3)
+    assert array.events()[-1]["result"] == "pickle"
+    assert not (array.directory / "data" / "result.json").exists()
+
+    nested = get("numpy_result", {"kind": "nested"})
+    nested.launch()
+    [weights] = nested.result["weights"]
+    assert weights.dtype == numpy.int16 and weights.tolist() == [1, 2] and nested.result["accuracy"] == 0.9
+
+    scalar = get("numpy_result", {"kind": "scalar"})
+    scalar.launch()
+    assert scalar.result.dtype == numpy.float16 and scalar.result.shape == () and scalar.result == 2.5
+
+    scalars = get("numpy_result", {"kind": "scalars"})
+    scalars.launch()
+    assert scalars.result == {"accuracy": 0.5, "epochs": 3}
+    assert scalars.events()[-1]["result"] == "json"
+
+
+def test_a_numpy_array_result_reproduces(project):
+    pytest.importorskip("numpy")
+    from conftest import commit_all, run_machinable
+
+    write(project, "numpy_result.py", NUMPY_RESULT)
+    commit_all(project)
+    experiment = get("numpy_result")
+    experiment.launch()
+
+    checked = run_machinable(project, "reproduce", experiment.short_id, "--check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "result   match  identical bytes" in checked.stdout
