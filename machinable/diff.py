@@ -567,25 +567,10 @@ class Snapshot:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per key: count and last value; for numbers also min, max and mean."""
-    stats: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        for key, value in row.items():
-            entry = stats.setdefault(key, {"count": 0, "numbers": 0, "sum": 0.0, "min": None, "max": None, "last": None})
-            entry["count"] += 1
-            entry["last"] = value
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                entry["numbers"] += 1
-                entry["sum"] += value
-                entry["min"] = value if entry["min"] is None else min(entry["min"], value)
-                entry["max"] = value if entry["max"] is None else max(entry["max"], value)
-    out: dict[str, dict[str, Any]] = {}
-    for key, entry in stats.items():
-        summary: dict[str, Any] = {"count": entry["count"], "last": entry["last"]}
-        if entry["numbers"]:
-            summary.update(min=entry["min"], max=entry["max"], mean=entry["sum"] / entry["numbers"])
-        out[key] = summary
-    return out
+    """Per key: count and last value; for numbers also min, max and mean (NaN and infinity kept visible)."""
+    from machinable.experiment import summarize_records
+
+    return summarize_records(rows)
 
 
 def config_defaults(source: bytes, load: Any = None) -> dict[str, Any]:
@@ -1022,8 +1007,9 @@ def _stats(stats: dict[str, Any] | None) -> str:
     if stats is None:
         return "(absent)"
     if "mean" in stats:
+        nan = f" nan={stats['nan']}" if stats.get("nan") else ""  # how many of the n values are NaN
         return (f"n={stats['count']} min={_num(stats['min'])} max={_num(stats['max'])} "
-                f"mean={_num(stats['mean'])} last={_fmt(stats['last'], 30)}")
+                f"mean={_num(stats['mean'])}{nan} last={_fmt(stats['last'], 30)}")
     return f"n={stats['count']} last={_fmt(stats['last'], 40)}"
 
 
@@ -1062,7 +1048,16 @@ def _fmt(value: Any, width: int = 80) -> str:
 
 
 def _identical(a: Any, b: Any) -> bool:
-    return type(a) is type(b) and a == b
+    """Equal and of the same type, with NaN equal to NaN (two runs that diverged alike do not differ)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return a == b or (a != a and b != b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _digest(entry: Any, key: str) -> Any:

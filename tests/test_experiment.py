@@ -972,8 +972,6 @@ def test_records_summary_keeps_nan_and_infinity_visible(project):
     assert Records([{"ok": True}, {"ok": False}]).summary()["ok"] == {"count": 2, "last": False}
 
 
-@pytest.mark.xfail(reason="show/diff summarise records with machinable.diff.summarize, which still drops NaN and "
-                          "infinity; it should delegate to machinable.experiment.summarize_records (diff.py is owned elsewhere)")
 def test_show_prints_a_summary_with_nan_and_infinity_and_json_stays_valid(project):
     from conftest import run_machinable
 
@@ -984,7 +982,7 @@ def test_show_prints_a_summary_with_nan_and_infinity_and_json_stays_valid(projec
     shown = run_machinable(project, "show", experiment.short_id)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     [line] = [line for line in shown.stdout.splitlines() if line.strip().startswith("loss ")]
-    assert "n=5 min=0.4 max=inf mean=nan" in line
+    assert "n=5 min=0.4 max=inf mean=nan nan=1 last=0.4" in line
 
     as_json = run_machinable(project, "show", experiment.short_id, "--json")
     assert as_json.returncode == 0, as_json.stdout + as_json.stderr
@@ -1055,3 +1053,14 @@ def test_a_numpy_array_result_reproduces(project):
     checked = run_machinable(project, "reproduce", experiment.short_id, "--check")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "result   match  identical bytes" in checked.stdout
+
+
+def test_diff_of_two_runs_that_diverged_alike_shows_no_records_difference(project):
+    from machinable.diff import diff
+
+    write(project, "diverged.py", DIVERGED)
+    a = get("diverged")
+    a.launch()
+    b = get.new("diverged")
+    b.launch()
+    assert diff(a, b).sections["outputs"] == {}  # NaN summaries and last values compare equal
