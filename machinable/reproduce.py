@@ -35,10 +35,10 @@ from machinable.errors import ExperimentNotFound, MachinableError, ModuleNotFoun
 from machinable.hashing import closure_of, digest_bytes, file_digest
 from machinable.ledger import Ledger
 from machinable.storage import DIR_MODE, Storage, atomic_write, dumps_value, loads_value, read_json, read_lines, write_json
+from machinable.experiment import RESULT_FILES
 
 REPRODUCTIONS = "reproductions"
 SHORT = 12
-RESULT_FILES = ("result.json", "result.pickle")
 
 
 # ======================================================================================
@@ -1190,7 +1190,15 @@ def _compare_result(recorded: Path, reproduced: Path, rtol: float, atol: float) 
         a = loads_value((recorded / kind_a).read_bytes())
         b = loads_value((reproduced / kind_a).read_bytes())
         return _verdict("result", list(_differences(a, b, rtol, atol, "result")), _short(a))
-    return _compare_digest("result", recorded / kind_a, reproduced / kind_a)
+    exact = _compare_digest("result", recorded / kind_a, reproduced / kind_a)
+    if exact.match:
+        return exact
+    # a pickled result holding numpy arrays: compared by value, within the tolerances, as .npy data files are
+    loaded = _load_pickles(recorded / kind_a, reproduced / kind_a)
+    if loaded is None or not (_holds_array(loaded[0]) or _holds_array(loaded[1])):
+        return exact
+    a, b = loaded
+    return _verdict("result", list(_differences(a, b, rtol, atol, "result")), "array values match")
 
 
 def _compare_records(recorded: Path, reproduced: Path, rtol: float, atol: float) -> Comparison:
@@ -1202,12 +1210,14 @@ def _compare_records(recorded: Path, reproduced: Path, rtol: float, atol: float)
 
 
 def _data_files(folder: Path) -> list[str]:
+    """The saved data files, without the returned result's own files (data/result.json, data/result.pickle)."""
     if not folder.is_dir():
         return []
     return [
         p.relative_to(folder).as_posix()
         for p in folder.rglob("*")
-        if p.is_file() and p.name not in RESULT_FILES and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+        if p.is_file() and p.relative_to(folder).as_posix() not in RESULT_FILES
+        and not (p.name.startswith(".") and p.name.endswith(".tmp"))
     ]
 
 
@@ -1239,7 +1249,39 @@ def _compare_digest(item: str, a: Path, b: Path) -> Comparison:
 def _compare_npy(item: str, a: Path, b: Path, rtol: float, atol: float) -> Comparison:
     import numpy
 
-    x, y = numpy.load(a, allow_pickle=False), numpy.load(b, allow_pickle=False)
+    return _compare_arrays(item, numpy.load(a, allow_pickle=False), numpy.load(b, allow_pickle=False), rtol, atol)
+
+
+def _is_array(value: Any) -> bool:
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, numpy.ndarray)
+
+
+def _holds_array(value: Any) -> bool:
+    if _is_array(value):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_array(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_array(v) for v in value)
+    return False
+
+
+def _load_pickles(a: Path, b: Path) -> tuple[Any, Any] | None:
+    """Both pickled results, or None if either cannot be loaded here (a class of
+    the recorded commit's code, say): then only their bytes are compared."""
+    import pickle
+
+    try:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            return pickle.load(fa), pickle.load(fb)  # noqa: S301 - the record's own result and its re-execution's
+    except Exception:
+        return None
+
+
+def _compare_arrays(item: str, x: Any, y: Any, rtol: float, atol: float) -> Comparison:
+    import numpy
+
     if x.shape != y.shape or x.dtype != y.dtype:
         return Comparison(item, False, f"recorded {x.dtype}{list(x.shape)}, reproduced {y.dtype}{list(y.shape)}")
     if x.dtype.kind in "fc":
@@ -1299,6 +1341,16 @@ def close(a: float, b: float, rtol: float = 0.0, atol: float = 0.0) -> bool:
 
 
 def _differences(a: Any, b: Any, rtol: float, atol: float, path: str) -> Iterator[str]:
+    if _is_array(a) or _is_array(b):
+        if not (_is_array(a) and _is_array(b)):
+            yield f"{path}: recorded {type(a).__name__}, reproduced {type(b).__name__}"
+            return
+        compared = _compare_arrays(path, a, b, rtol, atol)
+        if not compared.match:
+            yield f"{path}: {compared.detail}"
+        return
+    if isinstance(a, tuple) and isinstance(b, tuple):  # from a pickled result
+        a, b = list(a), list(b)
     if _is_number(a) and _is_number(b):
         if not close(a, b, rtol, atol):
             yield f"{path}: recorded {a!r}, reproduced {b!r}"

@@ -508,3 +508,40 @@ def test_a_damaged_original_fails_the_check_even_when_its_outputs_reproduce(proj
     verdict, detail = rows["original"]
     assert verdict == "MISMATCH" and "MANIFEST: missing" in detail and f"machinable verify {experiment.short_id}" in detail
     assert "NOT reproduced: 4 of 5 match" in result.stdout
+
+
+NOISY_ARRAYS = """
+    import os
+
+    import numpy
+    from machinable import Experiment
+
+
+    class NoisyArrays(Experiment):
+        def on_execute(self):
+            factor = 1.0 + float(os.environ.get("NOISE", "0"))
+            self.save_data("sub/result.json", {"accuracy": 0.75 * factor})  # a data file, not the result
+            return {"weights": numpy.arange(4, dtype=float) * factor, "epochs": (3, 4)}
+"""
+
+
+def test_a_pickled_array_result_is_compared_by_value_within_the_tolerances(project, monkeypatch):
+    write(project, "noisy_arrays.py", NOISY_ARRAYS)
+    commit_all(project)
+    monkeypatch.setenv("NOISE", "1e-12")
+    experiment = get("noisy_arrays")
+    experiment.launch()
+    monkeypatch.delenv("NOISE")
+    assert isinstance(experiment.result["weights"], numpy.ndarray)
+
+    exact = run_machinable(project, "reproduce", experiment.short_id, "--check")
+    assert exact.returncode == 1, exact.stdout + exact.stderr
+    rows = {line.split()[0]: line.split(maxsplit=2)[1:] for line in exact.stdout.splitlines()[1:-1]}
+    factor = 1.0 + 1e-12
+    assert rows["result"] == ["MISMATCH", f"result.weights: 3 of 4 values differ; first at [1]: recorded {factor!r}, reproduced 1.0"]
+    assert rows["data/sub/result.json"] == ["MISMATCH", f"data/sub/result.json.accuracy: recorded {0.75 * factor!r}, reproduced 0.75"]
+
+    loose = run_machinable(project, "reproduce", experiment.short_id, "--check", "--rtol", "1e-9")
+    assert loose.returncode == 0, loose.stdout + loose.stderr
+    rows = {line.split()[0]: line.split(maxsplit=2)[1:] for line in loose.stdout.splitlines()[1:-1]}
+    assert rows["result"] == ["match", "array values match"] and rows["data/sub/result.json"] == ["match", "values match"]
