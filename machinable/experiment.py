@@ -653,11 +653,13 @@ class Experiment(Element):
         sys.stdout, sys.stderr = _Tee(stdout, log, prefix), _Tee(stderr, log, prefix)
         try:
             try:
+                imported = set(sys.modules)
                 self.on_before_execute()
                 result = self.on_execute()
                 saved = self._save_result(result)
                 self.on_success()
                 self.on_after_execute()
+                self._warn_untracked_imports(imported)
             except (KeyboardInterrupt, SystemExit) as e:
                 # the traceback goes to events.jsonl; the terminal gets one line per experiment
                 ledger.append("interrupted", reason=type(e).__name__, attempt=attempt, traceback=traceback.format_exc())
@@ -707,6 +709,38 @@ class Experiment(Element):
         _set_state(storage, self.experiment_id, "finished", finished=_now())
         _seal(self.directory)
         return "finished"
+
+    def _warn_untracked_imports(self, before: set[str]) -> None:
+        """Say so when the run imported project files that its code hash does not cover.
+
+        The code hash is the import closure as the source shows it; a project
+        module imported while the run executes (``importlib.import_module(name)``,
+        an import inside a function the closure cannot see) is not part of it, so
+        a change to that file would not give a new experiment.
+        """
+        if self.module.startswith("machinable."):
+            return
+        try:
+            root = os.fspath(self.project.path) + os.sep
+            storage = os.fspath(self.storage.root) + os.sep
+            found = set()
+            for name in set(sys.modules) - before:
+                file = getattr(sys.modules.get(name), "__file__", None)
+                if file and file.endswith(".py") and file.startswith(root) and not file.startswith(storage):
+                    found.add(Path(os.path.relpath(file, root)).as_posix())
+            if not found:
+                return
+            untracked = sorted(found - set(self.closure.files))
+        except Exception:  # a diagnostic only: never fail a finished run over it
+            return
+        if untracked:
+            shown = ", ".join(untracked[:5]) + (f" (+{len(untracked) - 5} more)" if len(untracked) > 5 else "")
+            example = untracked[0][: -len(".py")].replace("/", ".").removesuffix(".__init__")
+            sys.stderr.write(
+                f"machinable: warning: {self.module} imported project files while it ran that are not part of its code "
+                f"hash: {shown}. A change to them does not give a new experiment; import them at the top of the module "
+                f"(import {example}) so that they are tracked.\n"
+            )
 
     def _record_attempt_git(self, attempt: int) -> dict[str, Any]:
         """The git state this attempt runs with, for its ``started`` event.

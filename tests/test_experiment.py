@@ -1064,3 +1064,43 @@ def test_diff_of_two_runs_that_diverged_alike_shows_no_records_difference(projec
     b = get.new("diverged")
     b.launch()
     assert diff(a, b).sections["outputs"] == {}  # NaN summaries and last values compare equal
+
+
+DYNAMIC = """
+    import importlib
+
+    from machinable import Experiment
+
+
+    class Dynamic(Experiment):
+        class Config:
+            model: str = "small"
+
+        def on_execute(self):
+            import json  # not a project file: nothing to say
+            return importlib.import_module(f"models.{self.config.model}").DEPTH
+"""
+
+
+def test_a_project_module_imported_while_running_is_named_as_untracked(project):
+    from conftest import commit_all, run_machinable
+
+    write(project, "models/__init__.py", "")
+    write(project, "models/small.py", "DEPTH = 1\n")
+    write(project, "dynamic.py", DYNAMIC)
+    commit_all(project)
+    result = run_machinable(project, "dynamic", "--launch")
+    assert result.returncode == 0, result.stderr
+    warning = ("machinable: warning: dynamic imported project files while it ran that are not part of its code hash: "
+               "models/__init__.py, models/small.py. A change to them does not give a new experiment; import them at the "
+               "top of the module (import models) so that they are tracked.")
+    assert warning in result.stderr.splitlines()
+    experiment = get("dynamic")
+    assert experiment.result == 1 and warning in experiment.output().splitlines()  # the record keeps the warning too
+
+    # imported at the top of the module, the file is part of the code hash: no warning
+    write(project, "static.py", DYNAMIC.replace("import importlib", "import importlib\n    import models.small"))
+    commit_all(project)
+    quiet = run_machinable(project, "static", "--launch")
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr
+    assert "models/small.py" in get("static").closure.files
