@@ -642,7 +642,11 @@ class Experiment(Element):
         if ledger.attempt_is_open():
             ledger.append("interrupted", reason="the process running it stopped without finishing")
         git_state = self._record_attempt_git(attempt)
-        ledger.append("started", attempt=attempt, execution=self._execution_info, git=git_state)
+        try:  # where this attempt's record() rows begin, for records(attempt=...)
+            records_from = os.stat(self.directory / "records.jsonl").st_size
+        except FileNotFoundError:
+            records_from = 0
+        ledger.append("started", attempt=attempt, execution=self._execution_info, git=git_state, records_from=records_from)
         _set_state(storage, self.experiment_id, "running", started=_now())
         claim.start_heartbeat()
         log = open(self.directory / "output.log", "a", encoding="utf-8", errors="replace", opener=_private_opener)
@@ -844,10 +848,39 @@ class Experiment(Element):
         except TypeError as e:
             raise _record_error(row, e) from None
 
-    def records(self) -> "Records":
-        from machinable.storage import read_lines
+    def records(self, attempt: int | str | None = None) -> "Records":
+        """The rows written with ``record()``: of every attempt (the default: a run
+        resumed from a checkpoint continues its rows), of ``attempt`` N (1 is the
+        first), or of the ``"last"`` attempt (a failed run relaunched from scratch)."""
+        from machinable.errors import UsageError
+        from machinable.storage import parse_rows, read_lines
 
-        return Records(read_lines(self.directory / "records.jsonl"))
+        path = self.directory / "records.jsonl"
+        if attempt is None:
+            return Records(read_lines(path))
+        starts = [e.get("records_from") for e in self.ledger.events() if e.get("event") == "started"]
+        count = len(starts)
+        number = count if attempt == "last" else attempt
+        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= max(count, 1):
+            raise UsageError(
+                f"Invalid attempt {attempt!r} for experiment {self.short_id}: it has {count} attempt"
+                f"{'s' if count != 1 else ''}; give a number from 1 to {max(count, 1)}, 'last', or None for every row."
+            )
+        if count == 0:
+            return Records([])
+        begin, end = starts[number - 1], starts[number] if number < count else None
+        if not isinstance(begin, int) or (end is not None and not isinstance(end, int)):
+            raise UsageError(
+                f"Experiment {self.short_id} was recorded by a machinable that did not mark where each attempt's rows "
+                "begin; records() without an attempt gives every row."
+            )
+        try:
+            with open(path, "rb") as f:
+                f.seek(begin)
+                data = f.read() if end is None else f.read(max(end - begin, 0))
+        except FileNotFoundError:
+            return Records([])
+        return Records(parse_rows(data))
 
     def _check_writable(self, what: str) -> None:
         if not self.is_committed():

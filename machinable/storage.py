@@ -311,6 +311,11 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
+    return parse_rows(data)
+
+
+def parse_rows(data: bytes) -> list[dict[str, Any]]:
+    """Rows of JSON-lines bytes; a torn (unterminated) last line is ignored."""
     rows = []
     for line in data.split(b"\n")[:-1] if data else []:
         if not line.strip():

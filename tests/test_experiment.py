@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from machinable import Storage, get
-from machinable.errors import CodeChangedError, ConfigError, ExecutionError, StorageError
+from machinable.errors import CodeChangedError, ConfigError, ExecutionError, StorageError, UsageError
 
 from conftest import git, run_python, write
 
@@ -1104,3 +1104,36 @@ def test_a_project_module_imported_while_running_is_named_as_untracked(project):
     quiet = run_machinable(project, "static", "--launch")
     assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr
     assert "models/small.py" in get("static").closure.files
+
+
+RESTARTING = """
+    from pathlib import Path
+
+    from machinable import Experiment
+
+
+    class Restarting(Experiment):
+        def on_execute(self):
+            for step in range(3):
+                self.record(step=step)
+                if step == 1 and not Path("fixed").exists():
+                    raise RuntimeError("diverged at step 1")
+            return "done"
+"""
+
+
+def test_records_of_each_attempt_are_kept_and_can_be_told_apart(project):
+    write(project, "restarting.py", RESTARTING)
+    experiment = get("restarting")
+    with pytest.raises(ExecutionError, match="diverged at step 1"):
+        experiment.launch()
+    assert experiment.records(attempt="last") == [{"step": 0}, {"step": 1}]  # the failed attempt is the last so far
+    (project / "fixed").touch()
+    experiment = get("restarting")
+    experiment.launch()
+    assert [r["step"] for r in experiment.records()] == [0, 1, 0, 1, 2]  # every attempt's rows, in order
+    assert [r["step"] for r in experiment.records(attempt="last")] == [0, 1, 2]
+    assert [r["step"] for r in experiment.records(attempt=1)] == [0, 1]
+    assert experiment.records(attempt=2) == experiment.records(attempt="last")
+    with pytest.raises(UsageError, match=r"Invalid attempt 3 for experiment \w+: it has 2 attempts; give a number from 1 to 2"):
+        experiment.records(attempt=3)
