@@ -66,8 +66,17 @@ def _out(text: str = "") -> None:
 
 
 def _note(text: str) -> None:
-    """A status line (stderr, so stdout carries only the experiments' output)."""
-    print(text, file=sys.stderr, flush=True)
+    """A status line (stderr, so stdout carries only the experiments' output).
+
+    A reader of stderr that went away (``2>&1 | head``) stops nothing: the
+    command goes on, so its exit code still tells how it went.
+    """
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
+        os.close(devnull)
 
 
 # --- the app and its global options -----------------------------------------------
@@ -1393,17 +1402,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _note("Interrupted.")
         return 130
-    except BrokenPipeError:  # output not written through _out, to a reader that has all it wants
+    except BrokenPipeError:  # a write not through _out/_note, to a reader that went away: the command stopped part-way
         try:
             _silence_stdout()
         except (OSError, ValueError, AttributeError):  # no real stdout to point elsewhere
             pass
-        return 0
-    except SystemExit as e:
-        # click ends a command whose stdout was closed with exit 1 (and pacifies stdout); that is no failure
-        if e.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
-            return 0
-        raise
+        return 1
     except Exception as e:
         if _state["debug"]:
             import traceback

@@ -409,7 +409,7 @@ def _with_stdout_closed(cwd: Path, *args: str) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
-@pytest.mark.parametrize("args", [("status",), ("status", "--json"), ("status", "--check"), ("list",), ("verify",), ("--help",)])
+@pytest.mark.parametrize("args", [("status",), ("status", "--json"), ("status", "--check"), ("list",), ("verify",)])
 def test_a_closed_stdout_is_no_failure(project, args):
     get("estimate_gravity").launch()
     code, err = _with_stdout_closed(project, *args)
@@ -421,3 +421,25 @@ def test_a_closed_stdout_keeps_the_checks_verdict(project):
     (project / "estimate_gravity.py").write_text((project / "estimate_gravity.py").read_text() + "\nEXTRA = 1\n")
     code, err = _with_stdout_closed(project, "status", "--check")
     assert (code, err) == (1, "")
+
+
+def test_a_failed_launch_with_its_output_to_a_closed_pipe_still_exits_1(project):
+    import os
+    import subprocess
+    import sys
+
+    write(project, "failing.py", """
+        from machinable import Experiment
+
+
+        class Failing(Experiment):
+            def on_execute(self):
+                raise RuntimeError("asked to fail")
+    """)
+    (project / "untracked.txt").write_text("a dirty tree, so that the launch has a note to write first\\n")
+    read, write_end = os.pipe()
+    os.close(read)
+    proc = subprocess.run([sys.executable, "-m", "machinable.cli", "failing", "--launch"], cwd=project,
+                          stdout=write_end, stderr=write_end, timeout=120)  # `2>&1 | head` after head is gone
+    os.close(write_end)
+    assert proc.returncode == 1
