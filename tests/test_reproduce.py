@@ -545,3 +545,21 @@ def test_a_pickled_array_result_is_compared_by_value_within_the_tolerances(proje
     assert loose.returncode == 0, loose.stdout + loose.stderr
     rows = {line.split()[0]: line.split(maxsplit=2)[1:] for line in loose.stdout.splitlines()[1:-1]}
     assert rows["result"] == ["match", "array values match"] and rows["data/sub/result.json"] == ["match", "values match"]
+
+
+def test_a_record_that_stored_an_array_result_as_json_still_reproduces(project):
+    write(project, "noisy_arrays.py", NOISY_ARRAYS)
+    commit_all(project)
+    experiment = get("noisy_arrays")
+    experiment.launch()
+    # as machinable stored it before array results were pickled: a JSON list in data/result.json
+    data = experiment.directory / "data"
+    for path in (experiment.directory, data):
+        path.chmod(0o755)
+    (data / "result.pickle").chmod(0o644)
+    (data / "result.pickle").unlink()
+    (data / "result.json").write_text('{"weights": [0.0, 1.0, 2.0, 3.0], "epochs": [3, 4]}')
+
+    result = run_machinable(project, "reproduce", experiment.short_id)  # without --check: no MANIFEST verdict on this edit
+    rows = {line.split()[0]: line.split(maxsplit=2)[1:] for line in result.stdout.splitlines()[1:-1]}
+    assert rows["result"] == ["match", "values match"], result.stdout + result.stderr
