@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import enum
 import math
+import sys
 import types
 import typing
 from typing import Any, Literal, Union
@@ -90,7 +91,24 @@ def _as_dataclass(declared: type) -> type:
     namespace["__qualname__"] = declared.__qualname__
     namespace["__doc__"] = declared.__doc__
     cls = type(declared.__name__, (ConfigMixin,), namespace)
-    return dataclasses.dataclass(frozen=True)(cls)
+    return dataclasses.dataclass(frozen=True, kw_only=True)(cls)  # kw_only: a base default may precede a required key
+
+
+def _own_annotations(klass: type) -> dict[str, Any]:
+    """A class's own annotations, resolved in its own module: a base Config in a
+    module with ``from __future__ import annotations`` has strings that only
+    that module's names resolve. One that does not resolve stays a string."""
+    module = sys.modules.get(klass.__module__)
+    globalns = dict(getattr(module, "__dict__", {}))
+    out = {}
+    for key, annotation in dict(vars(klass).get("__annotations__", {})).items():
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, globalns, dict(vars(klass)))  # noqa: S307 - as typing.get_type_hints does
+            except Exception:
+                pass
+        out[key] = annotation
+    return out
 
 
 def _declared_namespace(declared: type) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -101,8 +119,10 @@ def _declared_namespace(declared: type) -> tuple[dict[str, Any], dict[str, Any]]
         if key not in ("__dict__", "__weakref__", "__dataclass_fields__", "__dataclass_params__",
                        "__annotations__", "__module__", "__qualname__", "__doc__")
     }
-    annotations = dict(vars(declared).get("__annotations__", {}))
+    annotations = _own_annotations(declared)
     if dataclasses.is_dataclass(declared):
+        import inspect
+
         # drop what @dataclass generated (__init__, __eq__, ...; compiled from "<string>"), so the
         # frozen dataclass made from it generates its own; methods the user wrote are kept
         namespace = {
@@ -110,7 +130,8 @@ def _declared_namespace(declared: type) -> tuple[dict[str, Any], dict[str, Any]]
             for key, value in namespace.items()
             if key != "__match_args__"
             and not (key == "__hash__" and value is None)
-            and getattr(getattr(value, "__code__", None), "co_filename", None) != "<string>"
+            and getattr(getattr(inspect.unwrap(value) if callable(value) else value, "__code__", None),
+                        "co_filename", None) != "<string>"  # (a generated __repr__ is wrapped)
         }
         # keep defaults and factories the user declared with field() (in this class: inherited
         # fields come from the base class's own turn)

@@ -356,3 +356,43 @@ def test_a_config_inherits_the_keys_defaults_and_checks_of_its_base(plain_projec
     derived.launch()
     assert derived.result == 13
     assert get("base_experiment").config.keys() == ["a", "tags"]  # the base is unchanged
+
+
+def test_a_base_config_with_postponed_annotations_in_another_module_keeps_its_types(plain_project):
+    (plain_project / "typed_base.py").write_text(textwrap.dedent("""
+        from __future__ import annotations
+
+        from dataclasses import dataclass
+        from typing import Literal
+
+        from machinable import Experiment
+
+
+        @dataclass
+        class Shared:
+            lr: float = 0.1
+            mode: Literal["a", "b"] = "a"
+
+
+        class TypedBase(Experiment):
+            Config = Shared
+
+            def on_execute(self):
+                return self.config.lr
+    """))
+    (plain_project / "typed_derived.py").write_text(textwrap.dedent("""
+        from typed_base import Shared, TypedBase
+
+
+        class TypedDerived(TypedBase):
+            class Config(Shared):
+                epochs: int = 3
+                data: str  # a required key after the base's defaults
+    """))
+    derived = get("typed_derived", {"lr": "2", "data": "x"})
+    assert (derived.config.lr, derived.config.epochs, derived.config.data) == (2.0, 3, "x")  # coerced: "2" -> 2.0
+    with pytest.raises(ConfigError, match=r"mode"):  # the Literal of the base module still checks
+        get("typed_derived", {"mode": "zzz", "data": "x"})
+    with pytest.raises(ConfigError, match=r"Missing config value 'data'"):
+        get("typed_derived")
+    assert "epochs=3" in repr(derived.config) and "lr=2.0" in repr(derived.config)  # the base's repr does not hide keys
