@@ -25,7 +25,7 @@ class Element:
 
         self.project = project or Project.get()
         self.module = module or type(self).__module__
-        if self.module == "__main__":
+        if self.module == "__main__" and type(self).kind == "experiment":  # an execution may live anywhere
             self.module = _main_module_name(type(self), self.project)
         cls = config_class(type(self))
         self._config = make_config(cls, config, where=self.module)
@@ -73,8 +73,8 @@ def _main_module_name(cls: type, project: Any) -> str:
 
     file = getattr(sys.modules.get("__main__"), "__file__", None)
     if file and file.endswith(".py"):
-        path = os.path.abspath(file)
-        root = os.fspath(project.path)
+        path = os.path.realpath(file)
+        root = os.path.realpath(project.path)
         if path.startswith(root + os.sep):
             parts = os.path.relpath(path, root)[: -len(".py")].split(os.sep)
             if parts[-1] == "__init__":

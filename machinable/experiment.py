@@ -725,13 +725,23 @@ class Experiment(Element):
         if self.module.startswith("machinable."):
             return
         try:
+            from machinable.element import Element
+
             root = os.fspath(self.project.path) + os.sep
-            storage = os.fspath(self.storage.root) + os.sep
+            outside = tuple(os.path.join(p, "") for p in {os.fspath(self.storage.root), sys.prefix, sys.base_prefix})
             found = set()
             for name in set(sys.modules) - before:
-                file = getattr(sys.modules.get(name), "__file__", None)
-                if file and file.endswith(".py") and file.startswith(root) and not file.startswith(storage):
-                    found.add(Path(os.path.relpath(file, root)).as_posix())
+                module = sys.modules.get(name)
+                file = getattr(module, "__file__", None)
+                if not file or not file.endswith(".py") or not file.startswith(root) or file.startswith(outside):
+                    continue
+                parts = os.path.relpath(file, root)[: -len(".py")].split(os.sep)
+                if not all(part.isidentifier() for part in parts) or "site-packages" in file:
+                    continue  # not importable as a project module (a virtualenv inside the project, say)
+                if any(isinstance(v, type) and issubclass(v, Element) and v.__module__ == module.__name__
+                       for v in vars(module).values()):
+                    continue  # an experiment or execution of its own (get() inside a run): it has its own code hash
+                found.add(Path(os.path.relpath(file, root)).as_posix())
             if not found:
                 return
             untracked = sorted(found - set(self.closure.files))
@@ -860,6 +870,8 @@ class Experiment(Element):
             return Records(read_lines(path))
         starts = [e.get("records_from") for e in self.ledger.events() if e.get("event") == "started"]
         count = len(starts)
+        if attempt == "last" and count == 0:
+            return Records([])  # never started: no rows
         number = count if attempt == "last" else attempt
         if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= max(count, 1):
             raise UsageError(

@@ -941,7 +941,8 @@ STATES = ("created", "dispatched", "running", "finished", "failed", "interrupted
 class Found:
     """Stored experiments matching a query, newest first (``Storage.find``).
 
-    Nothing is read until you iterate, and then a page at a time: iterating
+    No experiment is read until you iterate (``find`` itself only checks the
+    config keys against the index), and then a page at a time: iterating
     yields ``Experiment`` objects (restored from storage, no user code
     imported), ``rows()`` yields the index rows (dicts). There is no cap:
     without ``limit`` every match is yielded.

@@ -1137,3 +1137,41 @@ def test_records_of_each_attempt_are_kept_and_can_be_told_apart(project):
     assert experiment.records(attempt=2) == experiment.records(attempt="last")
     with pytest.raises(UsageError, match=r"Invalid attempt 3 for experiment \w+: it has 2 attempts; give a number from 1 to 2"):
         experiment.records(attempt=3)
+
+
+def test_the_untracked_import_warning_skips_virtualenvs_and_other_experiments(project):
+    from conftest import commit_all, run_machinable
+
+    write(project, ".venv/lib/python3.11/site-packages/fakelib/__init__.py", "VALUE = 1\n")
+    write(project, "other.py", """
+        from machinable import Experiment
+
+
+        class Other(Experiment):
+            def on_execute(self):
+                return 2
+    """)
+    write(project, "caller.py", """
+        import sys
+
+        from machinable import Experiment, get
+
+
+        class Caller(Experiment):
+            def on_execute(self):
+                sys.path.insert(0, ".venv/lib/python3.11/site-packages")
+                import fakelib
+
+                inner = get("other")  # an experiment of its own, with its own code hash
+                inner.launch()
+                return fakelib.VALUE + inner.result
+    """)
+    commit_all(project)
+    result = run_machinable(project, "caller", "--launch")
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr, result.stderr
+    assert get("caller").result == 3
+
+
+def test_records_of_the_last_attempt_of_an_experiment_never_started_are_none(project):
+    assert get("estimate_gravity").records(attempt="last") == []

@@ -228,3 +228,43 @@ if __name__ == "__main__":
     assert result.stdout.splitlines() == ["ran 3", "tools.run_mine 3"]
     again = get("tools.run_mine", {"a": 3})
     assert again.is_finished() and again.result == 3  # the same experiment, found by its module name
+
+
+def test_an_execution_defined_in_python_c_still_runs_experiments(project):
+    from conftest import run_python
+
+    result = run_python(project, """
+from machinable import Execution, get
+
+
+class Inline(Execution):
+    def on_dispatch(self):
+        for experiment in self.experiments:
+            experiment()
+
+
+with Inline():
+    get("estimate_gravity").launch()
+""")
+    assert result.returncode == 0, result.stderr
+    assert "The gravity on the exoplanet is:" in result.stdout
+
+
+def test_a_script_reached_through_a_symlinked_folder_is_still_a_project_module(project, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import commit_all
+
+    write(project, "run_here.py", INLINE + """
+if __name__ == "__main__":
+    experiment = Mine({"a": 4})
+    experiment.launch()
+    print(experiment.module)
+""")
+    commit_all(project)
+    link = tmp_path / "link"
+    link.symlink_to(project)
+    result = subprocess.run([sys.executable, str(link / "run_here.py")], cwd=project, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "run_here"
