@@ -120,11 +120,16 @@ def experiment_id_of(config_hash: str, code_hash: str, seed: int) -> str:
 
 
 class _Tee:
-    """Writes to the terminal and to output.log at once (live and saved)."""
+    """Writes to the terminal and to output.log at once (live and saved).
+
+    A terminal side that goes away (``machinable train --launch | head``) stops
+    the echo, not the run: output.log still gets every line.
+    """
 
     def __init__(self, stream: Any, log: Any, prefix: str = "") -> None:
         self._stream, self._log, self._prefix = stream, log, prefix
         self._partial = ""
+        self._closed = False
 
     def write(self, text: str) -> int:
         try:
@@ -134,10 +139,8 @@ class _Tee:
             pass
         if self._prefix:
             return self._write_lines(text)
-        written = self._stream.write(text)
-        if "\n" in text:  # live, line by line, even when stdout is a pipe (CI logs, job logs)
-            self._stream.flush()
-        return written
+        self._echo(text, flush="\n" in text)  # live, line by line, even when stdout is a pipe (CI logs, job logs)
+        return len(text)
 
     def _write_lines(self, text: str) -> int:
         # Parallel workers share one terminal: a prefixed line goes out whole,
@@ -148,19 +151,35 @@ class _Tee:
             lines.append(self._partial)
             self._partial = ""
         if lines:
-            self._stream.write("".join(f"{self._prefix}{line}\n" for line in lines))
-            self._stream.flush()
+            self._echo("".join(f"{self._prefix}{line}\n" for line in lines), flush=True)
         return len(text)
+
+    def _echo(self, text: str, flush: bool) -> None:
+        if self._closed:
+            return
+        try:
+            if text:
+                self._stream.write(text)
+            if flush:
+                self._stream.flush()
+        except BrokenPipeError:
+            self._closed = True
+            try:  # what the stream still buffers goes nowhere, so that no later flush fails again
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self._stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError, AttributeError):
+                pass
 
     def finish(self) -> None:
         """Write out a last line that did not end in a newline."""
         if self._partial:
-            self._stream.write(f"{self._prefix}{self._partial}\n")
+            self._echo(f"{self._prefix}{self._partial}\n", flush=False)
             self._partial = ""
-        self._stream.flush()
+        self._echo("", flush=True)
 
     def flush(self) -> None:
-        self._stream.flush()
+        self._echo("", flush=True)
 
     def isatty(self) -> bool:
         return False

@@ -1175,3 +1175,32 @@ def test_the_untracked_import_warning_skips_virtualenvs_and_other_experiments(pr
 
 def test_records_of_the_last_attempt_of_an_experiment_never_started_are_none(project):
     assert get("estimate_gravity").records(attempt="last") == []
+
+
+def test_a_reader_of_the_output_that_goes_away_stops_the_echo_not_the_run(project):
+    import subprocess
+    import sys
+
+    from conftest import commit_all
+
+    write(project, "chatty.py", """
+        from machinable import Experiment
+
+
+        class Chatty(Experiment):
+            def on_execute(self):
+                for i in range(20000):
+                    print(f"line {i} " + "x" * 60)
+                return "done"
+    """)
+    commit_all(project)
+    # `machinable chatty --launch | head -1`
+    proc = subprocess.Popen([sys.executable, "-m", "machinable.cli", "chatty", "--launch"], cwd=project,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"line 0 ")
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    experiment = get("chatty")
+    assert experiment.is_finished() and experiment.result == "done"
+    assert experiment.output().count("\n") == 20000  # output.log has every line
