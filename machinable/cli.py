@@ -47,11 +47,10 @@ _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _state: dict[str, Any] = {"debug": False}
 
 
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, so that the final flush at exit cannot fail again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+def _silence(stream: Any) -> None:
+    from machinable.storage import silence
+
+    silence(stream)
 
 
 def _out(text: str = "") -> None:
@@ -61,7 +60,7 @@ def _out(text: str = "") -> None:
     except BrokenPipeError:
         # `machinable status | head`: the reader has all it wants. Not an error: the
         # command goes on without output, so its exit code still tells its verdict.
-        _silence_stdout()
+        _silence(sys.stdout)
         _state["stdout_closed"] = True
 
 
@@ -74,9 +73,7 @@ def _note(text: str) -> None:
     try:
         print(text, file=sys.stderr, flush=True)
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stderr.fileno())
-        os.close(devnull)
+        _silence(sys.stderr)
 
 
 # --- the app and its global options -----------------------------------------------
@@ -1187,7 +1184,7 @@ def _list_experiments(filters: list[str], state: str | None, since: str | None, 
                 shown += 1
             out.flush()
     except BrokenPipeError:  # `machinable list | head`: the reader has all it wants
-        _silence_stdout()
+        _silence(sys.stdout)
         return
     if not shown and limit != 0:
         _list_nothing_found(storage, module, values)
@@ -1403,10 +1400,7 @@ def main(argv: list[str] | None = None) -> int:
         _note("Interrupted.")
         return 130
     except BrokenPipeError:  # a write not through _out/_note, to a reader that went away: the command stopped part-way
-        try:
-            _silence_stdout()
-        except (OSError, ValueError, AttributeError):  # no real stdout to point elsewhere
-            pass
+        _silence(sys.stdout)
         return 1
     except Exception as e:
         if _state["debug"]:

@@ -50,6 +50,7 @@ from machinable.storage import (
     remove_temp_files,
     repair_torn_tail,
     seal,
+    silence,
     sync_paths,
     write_unpublished,
 )
@@ -164,12 +165,7 @@ class _Tee:
                 self._stream.flush()
         except BrokenPipeError:
             self._closed = True
-            try:  # what the stream still buffers goes nowhere, so that no later flush fails again
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, self._stream.fileno())
-                os.close(devnull)
-            except (OSError, ValueError, AttributeError):
-                pass
+            silence(self._stream)
 
     def finish(self) -> None:
         """Write out a last line that did not end in a newline."""

@@ -228,6 +228,19 @@ def _fsync_path(path: Path) -> None:
         raise _storage_error(e, path.name, path) from e
 
 
+def silence(stream: Any) -> None:
+    """Point a stream's file descriptor at /dev/null: its reader went away (a
+    closed pipe), and what the stream still buffers must not fail a later flush."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor behind it
+        pass
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         data = orjson.loads(path.read_bytes())
