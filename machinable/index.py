@@ -141,26 +141,16 @@ def value_keys(value: Any) -> list[str]:
 # --- rows, from a directory alone ------------------------------------------------------
 
 
-def _parse_lines(data: bytes) -> list[dict[str, Any]]:
-    rows = []
-    for line in data.split(b"\n")[:-1]:  # an unterminated last line is a torn write
-        if not line.strip():
-            continue
-        try:
-            row = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+def ledger_columns(directory: Path, data: bytes, events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The columns an experiment's ledger decides: state, times, execution, size.
 
-
-def ledger_columns(directory: Path, data: bytes) -> dict[str, Any]:
-    """The columns an experiment's ledger decides: state, times, execution, size."""
+    ``events`` are ``data`` parsed, if the caller has them already."""
     from machinable.ledger import Ledger
+    from machinable.storage import parse_rows
 
     ledger = Ledger(directory)
-    events = _parse_lines(data)
+    if events is None:
+        events = parse_rows(data)  # the ledger's own reader: NaN and Infinity included
     state = ledger.state(events, check_claim=False)
     last = ledger.last(events)
     started = next((e.get("time") for e in events if e.get("event") == "started"), None)
@@ -253,11 +243,13 @@ def read_row(root: Path, experiment_id: str, directory: Path | None = None) -> d
         data = b""
     except OSError:
         data = b""
-    ledger = ledger_columns(Path(folder), data)
+    from machinable.storage import parse_rows
+
+    events = parse_rows(data)
+    ledger = ledger_columns(Path(folder), data, events)
     record = _document(os.path.join(folder, "experiment.json"))
     config = record.get("config", {}) if record is not None else None
     if record is None or not isinstance(config, dict):
-        events = _parse_lines(data)
         created = next((e.get("time") for e in events if e.get("event") == "created"), None) or ""
         return {
             "id": experiment_id, "module": "", "config_hash": "", "code_hash": "", "seed": "",

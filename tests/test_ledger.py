@@ -127,3 +127,18 @@ def test_git_files_never_lead_outside_the_attempt_folders(tmp_path):
     for files in [("../../other/git.json", "../../other/git.diff"), ("/etc/passwd", "/etc/passwd"),
                   ("attempts/3/git.json", "attempts/3/git.diff"), ("attempts/2/git.json", "experiment.json")]:
         assert ledger.git_files([_started(2, files), {"event": "finished", "attempt": 2}]) == ("git.json", "git.diff")
+
+
+def test_the_index_reads_a_ledger_with_non_finite_numbers_as_the_ledger_does(tmp_path):
+    from machinable.index import read_row
+
+    directory = tmp_path / ("a" * 32)
+    directory.mkdir()
+    ledger = Ledger(directory)
+    ledger.append("created")
+    ledger.append("started", attempt=1, execution={"module": "machinable.execution.local", "config": {"scale": float("nan")}})
+    ledger.append("finished", attempt=1, loss=float("inf"))  # written with NaN/Infinity tokens, not strict JSON
+    assert ledger.state() == "finished"
+    row = read_row(tmp_path, directory.name)
+    assert (row["state"], row["execution"]) == ("damaged", "machinable.execution.local")  # no experiment.json here
+    assert row["finished"] is not None and row["started"] is not None
