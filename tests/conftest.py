@@ -37,6 +37,37 @@ def commit_all(root: Path, message: str = "more") -> None:
     git(root, "commit", "-q", "-m", message)
 
 
+def add_modules(root: Path, **modules: str) -> None:
+    """Write project modules and commit them (experiments record a clean tree)."""
+    for name, source in modules.items():
+        (root / f"{name}.py").write_text(textwrap.dedent(source))
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "modules")
+
+
+def events(experiment, name: str) -> list[dict]:
+    return [e for e in experiment.events() if e["event"] == name]
+
+
+# an experiment module shared by the execution tests: BATCH_FAIL=1,3 makes those indices raise
+BATCH = '''
+import os
+
+from machinable import Experiment
+
+
+class Batch(Experiment):
+    class Config:
+        index: int = 0
+
+    def on_execute(self):
+        if str(self.config.index) in os.environ.get("BATCH_FAIL", "").split(","):
+            raise RuntimeError(f"experiment {self.config.index} failed on purpose")
+        print(f"batch {self.config.index} done")
+        return self.config.index
+'''
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch):
     monkeypatch.delenv("MACHINABLE_STORAGE", raising=False)

@@ -17,7 +17,7 @@ import pytest
 from machinable import Storage, get
 from machinable.diff import Snapshot, config_defaults, diff, summarize
 from machinable.errors import ExperimentNotFound
-from tests.conftest import git
+from conftest import git
 
 TRAIN = '''from machinable import Experiment
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO
+from conftest import REPO
 
 DOC = REPO / "docs" / "reproducibility.md"
 WORKFLOW = ".github/workflows/reproduce.yml"

@@ -5,32 +5,13 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
-import textwrap
-from pathlib import Path
 
 import pytest
 
 from machinable import Execution, get
 from machinable.errors import ExecutionError
 from machinable.execution import unpicklable_tasks
-from tests.conftest import git, run_python
-
-BATCH = '''
-import os
-
-from machinable import Experiment
-
-
-class Batch(Experiment):
-    class Config:
-        index: int = 0
-
-    def on_execute(self):
-        if str(self.config.index) in os.environ.get("BATCH_FAIL", "").split(","):
-            raise RuntimeError(f"experiment {self.config.index} failed on purpose")
-        print(f"batch {self.config.index} done")
-        return self.config.index
-'''
+from conftest import BATCH, add_modules, events, run_python
 
 HOOKED = '''
 import json
@@ -118,18 +99,6 @@ def _bounded():
     faulthandler.dump_traceback_later(300, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
-
-
-def add_modules(root: Path, **modules: str) -> None:
-    """Write project modules and commit them (experiments record a clean tree)."""
-    for name, source in modules.items():
-        (root / f"{name}.py").write_text(textwrap.dedent(source))
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "modules")
-
-
-def events(experiment, name: str) -> list[dict]:
-    return [e for e in experiment.events() if e["event"] == name]
 
 
 # --- the seed example -------------------------------------------------------------------

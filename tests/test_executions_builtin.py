@@ -14,8 +14,7 @@ import pytest
 
 from machinable import get
 from machinable.errors import ConfigError, ExecutionError
-from tests.conftest import run_machinable, run_python
-from tests.test_execution import BATCH, add_modules, events
+from conftest import BATCH, add_modules, events, run_machinable, run_python
 
 CRASH = '''
 import ctypes

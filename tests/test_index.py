@@ -24,7 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from machinable import Storage, get
 from machinable.errors import ExecutionError, ExperimentNotFound, UsageError
 from machinable.index import COLUMNS, PAGE, SCHEMA_VERSION, Index, read_row
-from tests.conftest import git, run_python
+from conftest import git, run_python
 
 FLAKY = '''from machinable import Experiment
 

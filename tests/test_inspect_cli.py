@@ -19,7 +19,7 @@ import pytest
 
 from machinable import Storage, get
 from machinable.errors import ExecutionError
-from tests.conftest import git, run_machinable
+from conftest import git, run_in_terminal, run_machinable
 
 FLAKY = '''from machinable import Experiment
 
@@ -37,8 +37,6 @@ class Flaky(Experiment):
             raise RuntimeError("asked to fail")
         return self.config.x
 '''
-
-from conftest import run_in_terminal  # noqa: E402
 
 
 @pytest.fixture
