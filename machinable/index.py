@@ -326,6 +326,11 @@ def _close_keeping_wal() -> None:
     _open.clear()
 
 
+def _delete_row(db: sqlite3.Connection, experiment_id: str) -> None:
+    db.execute("DELETE FROM experiments WHERE id=?", (experiment_id,))
+    db.execute("DELETE FROM config_values WHERE id=?", (experiment_id,))
+
+
 def _retry_busy(work: Callable[[], Any], deadline: float = 60.0) -> Any:
     """Run ``work``, retrying while SQLite reports a busy database.
 
@@ -424,10 +429,10 @@ class Index:
         return conn
 
     def _lock(self) -> Any:
-        from machinable.storage import FileLock
+        from machinable.storage import LOCKS, FileLock
 
         if self.path == self.root / INDEX_FILE:
-            return FileLock(self.root / ".locks" / "index")
+            return FileLock(self.root / LOCKS / "index")
         return FileLock(self.path.with_name(self.path.name + ".lock"))
 
     def _connect(self) -> sqlite3.Connection:
@@ -557,21 +562,8 @@ class Index:
         else:
             self.upsert(row)
 
-    def set_state(self, experiment_id: str, state: str, **times: str | None) -> None:
-        """Overwrite state columns of a row (prefer ``refresh``, which reads them from the ledger)."""
-        allowed = {"started", "finished", "execution"}
-        unknown = set(times) - allowed
-        if unknown:
-            raise ValueError(f"set_state() takes {sorted(allowed)}, not {sorted(unknown)}")
-        sets = ["state=?"] + [f"{k}=?" for k in times]
-        self.db.execute(f"UPDATE experiments SET {', '.join(sets)} WHERE id=?", (state, *times.values(), experiment_id))
-
     def delete(self, experiment_id: str) -> None:
-        def work(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM experiments WHERE id=?", (experiment_id,))
-            db.execute("DELETE FROM config_values WHERE id=?", (experiment_id,))
-
-        self._transaction(work)
+        self._transaction(lambda db: _delete_row(db, experiment_id))
 
     def note_published(self, before: int | None, row: dict[str, Any] | None = None) -> None:
         """After publishing a directory: make sure its row is there, and keep the
@@ -648,8 +640,7 @@ class Index:
         def work(db: sqlite3.Connection) -> None:  # one transaction: see note_published
             for experiment_id in gone:
                 if not (self.root / experiment_id).exists():
-                    db.execute("DELETE FROM experiments WHERE id=?", (experiment_id,))
-                    db.execute("DELETE FROM config_values WHERE id=?", (experiment_id,))
+                    _delete_row(db, experiment_id)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('root_mtime', ?)", (str(before),))
 
         self._transaction(work)

@@ -17,7 +17,7 @@ import pytest
 from machinable import Storage, get
 from machinable.diff import Snapshot, config_defaults, diff, summarize
 from machinable.errors import ExperimentNotFound
-from conftest import git
+from conftest import commit_all, git
 
 TRAIN = '''from machinable import Experiment
 
@@ -50,11 +50,6 @@ def train(project):
     git(project, "add", "train.py", "helpers.py")
     git(project, "commit", "-q", "-m", "train")
     return project
-
-
-def commit_all(project: Path, message: str) -> None:
-    git(project, "add", "-A")
-    git(project, "commit", "-q", "-m", message)
 
 
 def launched(config: dict | None = None, *, new: bool = False):

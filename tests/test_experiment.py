@@ -17,7 +17,7 @@ import pytest
 from machinable import Storage, get
 from machinable.errors import CodeChangedError, ConfigError, ExecutionError, StorageError, UsageError
 
-from conftest import git, run_python, write
+from conftest import commit_all, git, run_python, write
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
@@ -671,20 +671,16 @@ READER = """
 """
 
 
-def _commit_all(project: Path, message: str) -> str:
-    git(project, "add", "-A")
-    git(project, "commit", "-q", "-m", message)
-    return git(project, "rev-parse", "HEAD").strip()
-
-
 def test_a_resume_at_a_later_commit_records_that_commit_with_its_attempt(project):
     write(project, "reader.py", READER)
-    created = _commit_all(project, "reader")
+    commit_all(project, "reader")
+    created = git(project, "rev-parse", "HEAD").strip()
     experiment = get("reader")
     with pytest.raises(ExecutionError, match="value.txt"):
         experiment.launch()
     (project / "value.txt").write_text("42\n")
-    resumed = _commit_all(project, "value")
+    commit_all(project, "value")
+    resumed = git(project, "rev-parse", "HEAD").strip()
     experiment.launch()
 
     assert experiment.result == "42"
@@ -705,7 +701,8 @@ def test_a_resume_at_a_later_commit_records_that_commit_with_its_attempt(project
 
 def test_a_resume_with_uncommitted_changes_records_them_with_its_attempt(project):
     write(project, "reader.py", READER)
-    commit = _commit_all(project, "reader")
+    commit_all(project, "reader")
+    commit = git(project, "rev-parse", "HEAD").strip()
     experiment = get("reader")
     with pytest.raises(ExecutionError):
         experiment.launch()
@@ -737,7 +734,8 @@ def test_a_resume_with_the_state_at_creation_writes_no_attempt_folder(project):
                     raise RuntimeError("the first attempt fails")
                 return "second attempt"
     """)
-    commit = _commit_all(project, "once")
+    commit_all(project, "once")
+    commit = git(project, "rev-parse", "HEAD").strip()
     experiment = get("once")
     with pytest.raises(ExecutionError, match="first attempt"):
         experiment.launch()

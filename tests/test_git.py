@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -13,7 +11,7 @@ import orjson
 from machinable import get
 from machinable.git import capture, read_head
 
-from conftest import git, run_python
+from conftest import TEMPLATE, git, run_python
 
 
 def test_read_head_matches_git(project):
@@ -148,16 +146,13 @@ def test_a_project_inside_a_larger_repository(tmp_path, monkeypatch):
     """The project is a subfolder of the repository: the diff covers the whole repository."""
     repo = tmp_path / "repo"
     project = repo / "experiments"
-    shutil.copytree(Path(__file__).resolve().parents[1] / ".machinable-template", project)
+    shutil.copytree(TEMPLATE, project)
     (repo / "README").write_text("top\n")
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "init")
     (repo / "README").write_text("top, edited\n")
-    proc = subprocess.run(
-        [sys.executable, "-c", "from machinable import get\ne = get('estimate_gravity')\ne.launch()\nprint(e.directory)"],
-        cwd=project, capture_output=True, text=True, env={**os.environ},
-    )
+    proc = run_python(project, "from machinable import get\ne = get('estimate_gravity')\ne.launch()\nprint(e.directory)")
     assert proc.returncode == 0, proc.stderr
     directory = Path(proc.stdout.splitlines()[-1])
     assert directory.parent == project / "storage"

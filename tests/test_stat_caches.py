@@ -18,7 +18,7 @@ from machinable import git as mgit
 from machinable import hashing
 from machinable.hashing import closure_of
 
-from conftest import git, run_python
+from conftest import git, run_python, write
 
 
 @pytest.fixture
@@ -113,13 +113,6 @@ def test_an_edit_within_the_racy_window_is_seen_even_with_the_same_size_and_mtim
 
 
 # --- import closures ---------------------------------------------------------------------
-
-
-def write(root: Path, rel: str, text: str) -> Path:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
 
 
 def test_a_closure_is_reused_until_a_file_changes(tmp_path, no_racy_window):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_python
+
 REPO = Path(__file__).resolve().parents[2]
 
 # section 1, first block: an interactive session (">>>" lines are typed, the others are printed)
@@ -115,7 +117,7 @@ def test_the_custom_multiprocess_execution(project):
         + MULTIPROCESS_USE
         + "print(experiment.is_finished())\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True, timeout=120)
+    proc = run_python(project, script)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == (
         "Assuming height of 52 and time of 0.44999999999999996\n"
@@ -147,6 +149,6 @@ def test_the_upstream_lambda_mistake_is_a_clear_error(project):
         "with get('lambda_execution', {'processes': 2}):\n"
         "    experiment.launch()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True, timeout=120)
+    proc = run_python(project, script)
     assert proc.returncode != 0
     assert "lambda" in proc.stderr and "never started" in proc.stderr
