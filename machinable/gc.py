@@ -142,17 +142,15 @@ def collect(storage: Storage, *, older_than: str | float = DEFAULT_AGE, ids: lis
 # --- experiments ----------------------------------------------------------------------
 
 
-def _is_finished(directory: Path) -> bool:
+def _is_finished(directory: Path, events: list[dict[str, Any]] | None = None) -> bool:
     from machinable.ledger import Ledger
 
-    return is_sealed(directory) or Ledger(directory).state(check_claim=False) == "finished"
+    return is_sealed(directory) or Ledger(directory).state(events, check_claim=False) == "finished"
 
 
-def _last_activity(directory: Path) -> float:
+def _last_activity(directory: Path, events: list[dict[str, Any]]) -> float:
     """When the experiment last changed: its newest event, else the folder's mtime."""
-    from machinable.ledger import Ledger
-
-    for row in reversed(Ledger(directory).events()):
+    for row in reversed(events):
         try:
             return datetime.fromisoformat(row["time"]).timestamp()
         except (KeyError, TypeError, ValueError):
@@ -163,38 +161,39 @@ def _last_activity(directory: Path) -> float:
         return time.time()
 
 
-def _queued(directory: Path) -> bool:
+def _queued(ledger: Any, events: list[dict[str, Any]]) -> bool:
     """Handed to a cluster scheduler and not heard of since: it may still be
     queued (reconciliation records a vanished job as interrupted)."""
-    from machinable.ledger import Ledger
-
-    last = Ledger(directory).last()
+    last = ledger.last(events)
     return last is not None and last.get("event") == "submitted"
 
 
-def _describe(directory: Path) -> tuple[str, str]:
+def _describe(ledger: Any, events: list[dict[str, Any]]) -> tuple[str, str]:
     """(module, state) for the report, tolerating damage."""
-    from machinable.ledger import Ledger
-
     try:
-        module = str(read_json(directory / "experiment.json").get("module", "?"))
+        module = str(read_json(ledger.directory / "experiment.json").get("module", "?"))
     except Exception:
         module = "unreadable record"
-    return module, Ledger(directory).state(check_claim=False)
+    return module, ledger.state(events, check_claim=False)
 
 
 def _collect_experiment(storage: Storage, experiment_id: str, report: GcReport, *, cutoff: float | None, dry_run: bool) -> None:
+    from machinable.ledger import Ledger
+
     directory = storage.directory(experiment_id)
-    finished = _is_finished(directory)
+    ledger = Ledger(directory)
+    events = ledger.events()  # read once here; re-read under the claim below
+    finished = _is_finished(directory, events)
     if finished and cutoff is not None:
         return  # finished records are never collected by age
-    if cutoff is not None and _last_activity(directory) > cutoff:
+    activity = _last_activity(directory, events)
+    if cutoff is not None and activity > cutoff:
         return
-    if cutoff is not None and _queued(directory):
+    if cutoff is not None and _queued(ledger, events):
         report.kept.append(f"{experiment_id[:12]}: submitted to a scheduler (`machinable status` reconciles it; or name its id)")
         return
-    module, state = _describe(directory)
-    when = datetime.fromtimestamp(_last_activity(directory)).isoformat(sep=" ", timespec="seconds")
+    module, state = _describe(ledger, events)
+    when = datetime.fromtimestamp(activity).isoformat(sep=" ", timespec="seconds")
     removal = Removal("experiment", experiment_id, _tree_size(directory), f"{module}, {state}, last activity {when}")
     if dry_run:
         if claim_is_held(directory):
