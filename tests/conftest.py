@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,15 @@ def commit_all(root: Path, message: str = "more") -> None:
     """Commit every change in the repository."""
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", message)
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll until condition() holds (a bound against hangs, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
 
 
 def add_modules(root: Path, **modules: str) -> None:
@@ -66,6 +77,16 @@ class Batch(Experiment):
         print(f"batch {self.config.index} done")
         return self.config.index
 '''
+
+
+@pytest.fixture
+def _bounded():
+    """Every wait is bounded: a test that hangs dumps every thread's stack and ends the run.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("_bounded")``."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(autouse=True)

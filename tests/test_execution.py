@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 
@@ -93,12 +92,8 @@ class Raising(Execution):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _bounded():
-    """Every wait here is bounded: a test that hangs dumps every thread's stack and ends the run."""
-    faulthandler.dump_traceback_later(300, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+# every wait here is bounded (conftest's _bounded: a hang dumps every thread's stack and ends the run)
+pytestmark = pytest.mark.usefixtures("_bounded")
 
 
 # --- the seed example -------------------------------------------------------------------

@@ -8,13 +8,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from machinable import get
 from machinable.errors import ConfigError, ExecutionError
-from conftest import BATCH, add_modules, events, run_machinable, run_python
+from conftest import BATCH, add_modules, events, run_machinable, run_python, wait_for
 
 CRASH = '''
 import ctypes
@@ -75,12 +74,8 @@ class Sleeper(Experiment):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _bounded():
-    """Every wait here is bounded: a test that hangs dumps every thread's stack and ends the run."""
-    faulthandler.dump_traceback_later(300, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+# every wait here is bounded (conftest's _bounded: a hang dumps every thread's stack and ends the run)
+pytestmark = pytest.mark.usefixtures("_bounded")
 
 
 def readline_within(stream, timeout: float = 60.0) -> str:
@@ -92,14 +87,6 @@ def readline_within(stream, timeout: float = 60.0) -> str:
         if not selector.select(timeout):
             raise AssertionError(f"no line within {timeout} s")
     return stream.readline()
-
-
-def wait_for(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 # --- process: a fresh subprocess per experiment -------------------------------------------

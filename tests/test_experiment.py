@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from machinable import Storage, get
 from machinable.errors import CodeChangedError, ConfigError, ExecutionError, StorageError, UsageError
 
-from conftest import commit_all, git, run_python, write
+from conftest import commit_all, git, run_python, wait_for, write
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
@@ -28,15 +27,6 @@ def tree(root: Path) -> dict[str, bytes | None]:
         p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None)
         for p in sorted(root.rglob("*"))
     }
-
-
-def wait_for(predicate, what: str, limit: float = 60.0) -> None:
-    """Poll until predicate() holds (a bound against hangs, not a timing assertion)."""
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 def every_json_parses(storage: Path) -> int:
