@@ -389,8 +389,6 @@ class _DiskCache:
         return self
 
     def save(self, cache_dir: Path, key: tuple[str, str, tuple[str, ...]], memo: _ClosureMemo) -> None:
-        import uuid
-
         if not cache_dir.parent.is_dir():
             return  # no storage yet: hashing alone does not create one
         self.load(cache_dir)
@@ -410,20 +408,13 @@ class _DiskCache:
             if st is not None:
                 files[name] = [st, info.normalized, info.raw, info.imports]
         data = orjson.dumps({"format": 1, "scheme": _scheme(), "files": files, "closures": closures})
-        tmp = cache_dir / f".{self.NAME}.{uuid.uuid4().hex[:8]}.tmp"
+        from machinable.errors import StorageError
+        from machinable.storage import DIR_MODE, atomic_write
+
         try:
-            cache_dir.mkdir(mode=0o775, exist_ok=True)  # never world-writable (storage.DIR_MODE)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o664)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            os.replace(tmp, cache_dir / self.NAME)
-        except OSError:
-            try:
-                tmp.unlink()  # a full disk must not leave half a cache behind
-            except OSError:
-                pass
+            cache_dir.mkdir(mode=DIR_MODE, exist_ok=True)
+            atomic_write(cache_dir / self.NAME, data, sync=False)  # a full disk leaves no half cache behind
+        except (OSError, StorageError):
             return  # a read-only or full storage: the cache only saves time
         self._loaded = None  # re-read (and re-check) on next use
 

@@ -58,8 +58,9 @@ def fsync_enabled() -> bool:
     return os.environ.get("MACHINABLE_FSYNC", "1") not in ("0", "false", "no")
 
 
-def atomic_write(path: Path, data: bytes, *, what: str | None = None) -> None:
-    """Write ``data`` to ``path`` via temp file, fsync and rename."""
+def atomic_write(path: Path, data: bytes, *, what: str | None = None, sync: bool = True) -> None:
+    """Write ``data`` to ``path`` via temp file, fsync and rename (``sync=False``:
+    no fsync, for derived files such as caches, which are only ever whole or absent)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -67,7 +68,7 @@ def atomic_write(path: Path, data: bytes, *, what: str | None = None) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            if fsync_enabled():
+            if sync and fsync_enabled():
                 os.fsync(fd)
         finally:
             os.close(fd)
