@@ -20,7 +20,9 @@ from machinable import get
 from machinable.cli import hoist_global_options, parse_module_args
 from machinable.errors import UsageError
 
+import doctools
 from conftest import REPO, TEMPLATE, git, run_machinable, write, commit_all
+from doctools import console_steps
 
 GRAVITY_15 = (
     "Assuming height of 52 and time of 0.44999999999999996\n"
@@ -775,26 +777,13 @@ def console_blocks(markdown: str) -> list[list[tuple[str, str]]]:
     """``console`` code blocks as lists of (command, expected output)."""
     blocks = []
     for body in re.findall(r"```console\n(.*?)```", markdown, flags=re.S):
-        steps: list[tuple[str, str]] = []
-        for line in body.splitlines(keepends=True):
-            if line.startswith("$ "):
-                steps.append((line[2:].strip(), ""))
-            else:
-                command, expected = steps[-1]
-                steps[-1] = (command, expected + line)
-        blocks.append(steps)
+        blocks.append(console_steps(body))
     return blocks
 
 
 def matches(expected: str, actual: str) -> bool:
-    """``...`` alone on a line matches any lines; inside a line, any text."""
-    pattern = []
-    for line in expected.splitlines():
-        if line == "...":
-            pattern.append(r"(?:[^\n]*\n)*?")
-        else:
-            pattern.append("[^\n]*?".join(re.escape(part) for part in line.split("...")) + r"\n")
-    return re.fullmatch("".join(pattern), actual) is not None
+    """``...`` alone on a line matches any lines; inside a line, any text; every line ends in a newline."""
+    return doctools.matches(expected, actual, terminated=True)
 
 
 def test_matches():

@@ -9,23 +9,14 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import REPO, git
+from doctools import blocks, normalize
 
 DOC = REPO / "docs" / "executions.md"
-FENCE = re.compile(r"^```(\w+)(?: title=\"([^\"]*)\")?\n(.*?)^```\n", re.S | re.M)
-
-
-def blocks(text: str) -> list[tuple[str, str, str]]:
-    return [(m.group(1), m.group(2) or "", m.group(3)) for m in FENCE.finditer(text)]
-
-
-def normalize(text: str) -> str:
-    return re.sub(r"\b[0-9a-f]{12}\b", "<id>", text)
 
 
 def run_script(root: Path, code: str, merged: bool) -> str:

@@ -11,19 +11,14 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import REPO
+from doctools import blocks
 
 DOC = REPO / "docs" / "getting-started.md"
-FENCE = re.compile(r"^```(\w+)(?: title=\"([^\"]*)\")?\n(.*?)^```\n", re.S | re.M)
-
-
-def blocks(text: str) -> list[tuple[str, str, str]]:
-    return [(m.group(1), m.group(2) or "", m.group(3)) for m in FENCE.finditer(text)]
 
 
 def environment() -> dict[str, str]:

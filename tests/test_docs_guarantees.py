@@ -17,38 +17,18 @@ import sys
 from pathlib import Path
 
 from conftest import REPO
+from doctools import blocks, console_steps, matches
 
 DOC = REPO / "docs" / "guarantees.md"
-FENCE = re.compile(r"^```(\w+)(?: title=\"([^\"]*)\")?\n(.*?)^```\n", re.S | re.M)
 LINK = re.compile(r"\[`?([^\]`]+)`?\]\(\.\./(tests/[^)]+\.py)\)")
-
-
-def matches(expected: str, actual: str) -> bool:
-    parts = []
-    for line in expected.splitlines(keepends=True):
-        if line.rstrip("\n") == "...":
-            parts.append(r"(?:.*\n)*?")
-        else:
-            parts.append(".*?".join(re.escape(piece) for piece in line.split("...")))
-    return re.compile("".join(parts)).fullmatch(actual) is not None
-
-
-def steps(body: str) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    for line in body.splitlines(keepends=True):
-        if line.startswith("$ "):
-            out.append((line[2:].strip(), ""))
-        else:
-            out[-1] = (out[-1][0], out[-1][1] + line)
-    return out
 
 
 def test_every_console_block_runs_and_prints_what_the_page_shows(project):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "COLUMNS": "200"}
     ran = 0
-    for language, _, body in [(m.group(1), m.group(2), m.group(3)) for m in FENCE.finditer(DOC.read_text())]:
+    for language, _, body in blocks(DOC.read_text()):
         assert language == "console", f"a {language} block: this page only shows commands"
-        for command, expected in steps(body):
+        for command, expected in console_steps(body):
             result = subprocess.run(command, shell=True, executable="/bin/bash", cwd=project, env=env, text=True,
                                     timeout=120, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             assert result.returncode == 0, f"$ {command}\n{result.stdout}"

@@ -14,29 +14,14 @@ line for any text (ids, times, seeds, digests).
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import REPO
+from doctools import blocks, console_steps, matches
 
 DOC = REPO / "docs" / "inspecting.md"
-FENCE = re.compile(r"^```(\w+)(?: title=\"([^\"]*)\")?\n(.*?)^```\n", re.S | re.M)
-
-
-def pattern(expected: str) -> re.Pattern[str]:
-    parts = []
-    for line in expected.splitlines(keepends=True):
-        if line.rstrip("\n") == "...":
-            parts.append(r"(?:.*\n)*?")
-        else:
-            parts.append(".*?".join(re.escape(piece) for piece in line.split("...")))
-    return re.compile("".join(parts))
-
-
-def matches(expected: str, actual: str) -> bool:
-    return pattern(expected).fullmatch(actual) is not None
 
 
 def run(root: Path, args: list[str], shell: bool = False) -> str:
@@ -47,17 +32,6 @@ def run(root: Path, args: list[str], shell: bool = False) -> str:
     return result.stdout
 
 
-def console_steps(body: str) -> list[tuple[str, str]]:
-    steps: list[tuple[str, str]] = []
-    for line in body.splitlines(keepends=True):
-        if line.startswith("$ "):
-            steps.append((line[2:].strip(), ""))
-        else:
-            command, expected = steps[-1]
-            steps[-1] = (command, expected + line)
-    return steps
-
-
 def test_the_matcher():
     assert matches("a ... c\n", "a bbb c\n")
     assert matches("x\n...\nz\n", "x\n1\n2\nz\n")
@@ -66,7 +40,7 @@ def test_the_matcher():
 
 
 def test_every_code_block_runs_and_prints_what_the_page_shows(project):
-    found = [(m.group(1), m.group(2) or "", m.group(3)) for m in FENCE.finditer(DOC.read_text())]
+    found = blocks(DOC.read_text())
     pending: str | None = None
     ran = {"python": 0, "console": 0}
     for language, title, body in found:

@@ -21,19 +21,11 @@ import sys
 from pathlib import Path
 
 from conftest import REPO
+from doctools import blocks, console_steps, normalize
 
 DOC = REPO / "docs" / "reproducibility.md"
 WORKFLOW = ".github/workflows/reproduce.yml"
-FENCE = re.compile(r"^```(\w+)(?: title=\"([^\"]*)\")?\n(.*?)^```\n", re.S | re.M)
 MARK = "@@@ command "
-
-
-def blocks(text: str) -> list[tuple[str, str, str]]:
-    return [(m.group(1), m.group(2) or "", m.group(3)) for m in FENCE.finditer(text)]
-
-
-def normalize(text: str) -> str:
-    return re.sub(r"\b[0-9a-f]{12}\b", "<id>", text)
 
 
 def shell_env() -> dict[str, str]:
@@ -44,20 +36,8 @@ def shell_env() -> dict[str, str]:
     return env
 
 
-def parse_console(body: str) -> list[tuple[str, str]]:
-    """[(command, expected stdout)]"""
-    steps: list[tuple[str, list[str]]] = []
-    for line in body.splitlines():
-        if line.startswith("$ "):
-            steps.append((line[2:], []))
-        else:
-            assert steps, f"output before any command in:\n{body}"
-            steps[-1][1].append(line)
-    return [(command, "".join(f"{line}\n" for line in lines)) for command, lines in steps]
-
-
 def run_console(cwd: Path, body: str) -> None:
-    steps = parse_console(body)
+    steps = console_steps(body, raw=True)  # [(command, expected stdout)], commands as written
     # the marker must not reset $?, so that `echo $?` shows the previous command's status
     script = "".join(f"_status=$?; echo '{MARK}{i}'; (exit $_status)\n{command}\n" for i, (command, _) in enumerate(steps))
     result = subprocess.run(["bash", "-c", script], cwd=cwd, env=shell_env(), capture_output=True, text=True, timeout=600)

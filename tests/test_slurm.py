@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+import doctools
 from conftest import git
+from doctools import blocks, console_steps
 
 pytestmark = pytest.mark.slurm
 
@@ -355,13 +357,12 @@ def test_config_is_checked_at_get_time(project):
 # --- docs/slurm.md, executed against the cluster ------------------------------------------
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "slurm.md"
-FENCE = re.compile(r"^```(\w+)(?: title=\"([^\"]*)\")?\n(.*?)^```\n", re.S | re.M)
 MARK = "@@@ command "
 
 
 def normalize(text: str) -> str:
-    """Ids and job numbers as placeholders; table columns aligned by any run of spaces."""
-    text = re.sub(r"\b[0-9a-f]{12}\b", "<id>", text)
+    """Ids (doctools.normalize) and job numbers as placeholders; table columns aligned by any run of spaces."""
+    text = doctools.normalize(text)
     text = re.sub(r"\b\d+_(\d+)\b", r"<job>_\1", text)
     text = re.sub(r"\b(job(?: array)?) \d+\b", r"\1 <job>", text)
     return re.sub(r" {2,}", " ", text)
@@ -374,24 +375,18 @@ def shell_env() -> dict[str, str]:
 
 
 def run_console(cwd: Path, body: str) -> None:
-    steps: list[tuple[str, list[str]]] = []
-    for line in body.splitlines():
-        if line.startswith("$ "):
-            steps.append((line[2:], []))
-        else:
-            steps[-1][1].append(line)
+    steps = console_steps(body, raw=True)
     script = "".join(f"echo '{MARK}{i}'\n{command}\n" for i, (command, _) in enumerate(steps))
     result = subprocess.run(["bash", "-c", script], cwd=cwd, env=shell_env(), capture_output=True, text=True, timeout=300)
     outputs = re.split(rf"^{MARK}\d+\n", result.stdout, flags=re.M)[1:]
     assert len(outputs) == len(steps), result.stdout + result.stderr
     for (command, expected), actual in zip(steps, outputs):
-        want = "".join(f"{line}\n" for line in expected)
-        assert normalize(actual) == normalize(want), f"$ {command}\n--- got:\n{actual}--- stderr:\n{result.stderr}"
+        assert normalize(actual) == normalize(expected), f"$ {command}\n--- got:\n{actual}--- stderr:\n{result.stderr}"
 
 
 def test_the_docs_page_runs_on_the_cluster_as_shown(project, partition):
     assert partition == "debug", "docs/slurm.md uses the partition 'debug' (the test cluster's)"
-    found = [(m.group(1), m.group(2) or "", m.group(3)) for m in FENCE.finditer(DOC.read_text())]
+    found = blocks(DOC.read_text())
     scripts = consoles = 0
     pending: str | None = None
     for language, title, body in found:
