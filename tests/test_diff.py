@@ -16,7 +16,7 @@ import pytest
 
 from machinable import Storage, get
 from machinable.diff import Snapshot, config_defaults, diff, summarize
-from machinable.errors import ExperimentNotFound
+from machinable.errors import ExecutionError, ExperimentNotFound
 from conftest import commit_all, git
 
 TRAIN = '''from machinable import Experiment
@@ -249,7 +249,7 @@ def test_show_of_a_failed_run_has_the_traceback(train):
     (train / "helpers.py").write_text(HELPERS.replace("return 1.0", "raise ValueError('diverged')\n    return 1.0"))
     commit_all(train, "broken")
     experiment = get("train")
-    with pytest.raises(Exception):
+    with pytest.raises(ExecutionError):
         experiment.launch()
     text = str(Snapshot.of(experiment))
     assert "state        failed" in text

@@ -17,7 +17,7 @@ import numpy
 import pytest
 
 from machinable import get
-from machinable.errors import ConfigError, UsageError
+from machinable.errors import ConfigError, ExecutionError, UsageError
 from machinable.reproduce import ReproductionError, environment_differences, reproduce, reproductions
 from machinable.storage import verify_manifest
 
@@ -337,7 +337,7 @@ def test_only_finished_experiments_can_be_reproduced(project):
     """)
     commit_all(project)
     experiment = get("broken")
-    with pytest.raises(Exception):
+    with pytest.raises(ExecutionError):
         experiment.launch()
     with pytest.raises(UsageError, match="is failed: only finished experiments can be reproduced"):
         experiment.reproduce()
