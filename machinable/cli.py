@@ -663,9 +663,10 @@ class _Progress:
                 continue
             experiment_id = experiment.experiment_id  # read each time: commit may adopt a twin's id
             directory = experiment.storage.directory(experiment_id)
-            events = read_lines(directory / "events.jsonl")[self._seen[i]:]
+            every = read_lines(directory / "events.jsonl")
+            events = every[self._seen[i]:]
             ended = [row["event"] for row in events if row.get("event") in ("finished", "failed")]
-            if not ended and Ledger(directory).state(check_claim=False) != "finished":
+            if not ended and Ledger(directory).state(every, check_claim=False) != "finished":
                 continue
             self._done.add(i)
             state = ended[-1] if ended else "finished"

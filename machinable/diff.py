@@ -208,6 +208,12 @@ class Snapshot:
         return rows
 
     @cached_property
+    def attempts(self) -> int:
+        from machinable.ledger import Ledger
+
+        return Ledger(self.directory).attempts(self.events)
+
+    @cached_property
     def state(self) -> str:
         from machinable.ledger import Ledger
 
@@ -228,7 +234,9 @@ class Snapshot:
 
     @cached_property
     def records_summary(self) -> dict[str, dict[str, Any]]:
-        return summarize(self.records)
+        from machinable.experiment import summarize_records
+
+        return summarize_records(self.records)
 
     @cached_property
     def data_files(self) -> dict[str, dict[str, Any]]:
@@ -386,7 +394,7 @@ class Snapshot:
             "config_hash": self.config_hash,
             "code_hash": self.code_hash,
             **self._times(),
-            "attempts": sum(1 for e in self.events if e.get("event") == "started"),
+            "attempts": self.attempts,
             "execution": self._execution(),
             "config": {k: {"value": v, "default": self.is_default(k)} for k, v in self.config.items()},
             "code": {path: entry.get("normalized") for path, entry in self.code.items() if isinstance(entry, dict)},
@@ -414,7 +422,7 @@ class Snapshot:
         """The text of ``machinable show``."""
         lines: list[str] = []
         times = self._times()
-        attempts = sum(1 for e in self.events if e.get("event") == "started")
+        attempts = self.attempts
         lines.append(f"experiment {self.experiment_id}")
         for problem in self.integrity:
             lines.append(f"  DAMAGED: {problem} (`machinable verify {self.short_id}` checks every file)")
@@ -564,13 +572,6 @@ class Snapshot:
         out += self._section(f"output (last {len(tail)} lines of output.log)" if tail else "output (empty)", "output")
         out += ["  " + line for line in tail]
         return out
-
-
-def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per key: count and last value; for numbers also min, max and mean (NaN and infinity kept visible)."""
-    from machinable.experiment import summarize_records
-
-    return summarize_records(rows)
 
 
 def config_defaults(source: bytes, load: Any = None) -> dict[str, Any]:
@@ -1101,13 +1102,6 @@ def _when(iso: Any) -> str:
     except ValueError:
         return str(iso)
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _seconds(start: Any, end: Any) -> float | None:
-    try:
-        return (datetime.fromisoformat(str(end)) - datetime.fromisoformat(str(start))).total_seconds() if start and end else None
-    except ValueError:
-        return None
 
 
 def _took(total: float | None, attempts: list[float | None]) -> str:

@@ -178,7 +178,9 @@ class Project:
         from machinable.hashing import CACHE, closure_of
         from machinable.storage import Storage
 
-        closure = closure_of(self.path, path, cache_dir=Storage.current().root / CACHE)
+        # the arguments Experiment.closure passes, so that both share one cached closure
+        storage = Storage.current(self)
+        closure = closure_of(self.path, path, exclude=(storage.root,), cache_dir=storage.root / CACHE)
         return {str(self.path / rel): info.raw for rel, info in closure.files.items()}
 
     def element_class(self, name: str, base: type | None = None) -> type:

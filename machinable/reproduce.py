@@ -34,10 +34,9 @@ import orjson
 from machinable.errors import ExperimentNotFound, MachinableError, ModuleNotFound, ReproductionError, UsageError
 from machinable.hashing import closure_of, digest_bytes, file_digest
 from machinable.ledger import Ledger
-from machinable.storage import DIR_MODE, Storage, atomic_write, dumps_value, loads_value, read_json, read_lines, write_json
+from machinable.storage import DIR_MODE, REPRODUCTIONS, Storage, atomic_write, dumps_value, loads_value, read_json, read_lines, write_json
 from machinable.experiment import RESULT_FILES
 
-REPRODUCTIONS = "reproductions"
 SHORT = 12
 
 

@@ -15,7 +15,8 @@ import orjson
 import pytest
 
 from machinable import Storage, get
-from machinable.diff import Snapshot, config_defaults, diff, summarize
+from machinable.diff import Snapshot, config_defaults, diff
+from machinable.experiment import summarize_records
 from machinable.errors import ExecutionError, ExperimentNotFound
 from conftest import commit_all, git
 
@@ -395,7 +396,7 @@ def test_a_pickled_result_shows_as_its_repr(project):
 
 
 def test_summary_and_defaults_helpers():
-    assert summarize([{"a": 1, "b": "x"}, {"a": 3, "b": True}]) == {
+    assert summarize_records([{"a": 1, "b": "x"}, {"a": 3, "b": True}]) == {
         "a": {"count": 2, "last": 3, "min": 1, "max": 3, "mean": 2.0},
         "b": {"count": 2, "last": True},
     }
