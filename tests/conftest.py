@@ -16,12 +16,37 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / ".machinable-template"
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def _as_on_a_terminal() -> None:
+    """The suite runs the same from a terminal, from CI and on a fresh machine.
+
+    - Started in the background by a non-interactive shell (``bash test.sh &``),
+      the run inherits SIGINT ignored, and so would every process the tests
+      start: the Ctrl-C tests would wait for an interrupt that never comes.
+      A handler here gives the children the default disposition back.
+    - Docs pages and scripts run ``git commit`` as their reader would; on a
+      machine whose git has no identity yet, the session lends one through
+      git's own variables (tests of the no-identity path remove them).
+    """
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    known = subprocess.run(["git", "config", "user.email"], capture_output=True, text=True).stdout.strip()
+    if not known and not os.environ.get("GIT_AUTHOR_EMAIL"):
+        for key, value in GIT_IDENTITY.items():
+            os.environ.setdefault(key, value)
+
+
+_as_on_a_terminal()
 
 
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(
         ["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
-        env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"},
+        env={**os.environ, **GIT_IDENTITY},
     ).stdout
 
 

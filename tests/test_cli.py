@@ -21,7 +21,7 @@ from machinable.cli import hoist_global_options, parse_module_args
 from machinable.errors import UsageError
 
 import doctools
-from conftest import REPO, TEMPLATE, git, run_machinable, write, commit_all
+from conftest import GIT_IDENTITY, REPO, TEMPLATE, git, run_machinable, write, commit_all
 from doctools import console_steps
 
 GRAVITY_15 = (
@@ -735,7 +735,6 @@ def test_global_options_are_hoisted_from_anywhere():
 
 DOCS = REPO / "docs" / "cli.md"
 BEGIN, END = "<!-- BEGIN REFERENCE", "<!-- END REFERENCE -->"
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 def help_text(*args: str) -> str:

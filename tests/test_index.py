@@ -265,7 +265,7 @@ def test_a_run_whose_process_died_is_found_as_interrupted(flaky):
     (flaky / "die.py").write_text(script)
     git(flaky, "add", "die.py")
     git(flaky, "commit", "-q", "-m", "die")
-    result = run_python(flaky, "from machinable.experiment import get\ne = get('die').commit()\nprint(e.experiment_id)\ne()")
+    result = run_python(flaky, "from machinable.experiment import get\ne = get('die').commit()\nprint(e.experiment_id, flush=True)\ne()")
     assert result.returncode == 3
     experiment_id = result.stdout.split()[0]
     storage = Storage.current()

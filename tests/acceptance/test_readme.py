@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import GIT_IDENTITY
 from test_design_examples import printed, run_session
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,9 +30,6 @@ def blocks(language: str) -> list[str]:
         elif current is not None:
             current.append(line)
     return found
-
-
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 def bash(command: str, cwd: Path, home: Path, env: dict | None = None) -> subprocess.CompletedProcess:
