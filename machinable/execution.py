@@ -425,9 +425,8 @@ def _append_unless_running(experiment: Any, event: str, **fields: Any) -> bool:
         experiment.ledger.append(event, **fields)
     finally:
         claim.release()
-    from machinable.experiment import _set_state
 
-    _set_state(experiment.storage, experiment.experiment_id, experiment.ledger.state(check_claim=False))
+    experiment.storage.refresh_state(experiment.experiment_id)
     return True
 
 

@@ -603,7 +603,7 @@ class Experiment(Element):
     def _complete_seal(self) -> None:
         """Seal a finished record whose run was killed while sealing it."""
         if complete_seal(self.directory):
-            _set_state(self.storage, self.experiment_id, "finished")
+            self.storage.refresh_state(self.experiment_id)  # finished
 
     def _check_code_unchanged(self) -> None:
         current = closure_of(self.project.path, self.project.module_file(self.module), exclude=(self.storage.root,), cache_dir=self.storage.root / CACHE) if not self.module.startswith("machinable.") else None
@@ -639,7 +639,7 @@ class Experiment(Element):
             state = ledger.state(events, check_claim=False)
             if state == "finished":
                 complete_seal(directory)  # a crash interrupted the finishing run's seal
-                _set_state(self.storage, self.experiment_id, "finished")
+                self.storage.refresh_state(self.experiment_id)  # finished
                 return "finished"
             last = ledger.last(events)
             if waited_since is not None and state == "failed" and last and _after(last.get("time"), waited_since):
@@ -662,7 +662,7 @@ class Experiment(Element):
         except FileNotFoundError:
             records_from = 0
         ledger.append("started", attempt=attempt, execution=self._execution_info, git=git_state, records_from=records_from)
-        _set_state(storage, self.experiment_id, "running", started=_now())
+        storage.refresh_state(self.experiment_id)  # running
         claim.start_heartbeat()
         log = open(self.directory / "output.log", "a", encoding="utf-8", errors="replace", opener=_private_opener)
         if attempt > 1:
@@ -682,7 +682,7 @@ class Experiment(Element):
             except (KeyboardInterrupt, SystemExit) as e:
                 # the traceback goes to events.jsonl; the terminal gets one line per experiment
                 ledger.append("interrupted", reason=type(e).__name__, attempt=attempt, traceback=traceback.format_exc())
-                _set_state(storage, self.experiment_id, "interrupted")
+                storage.refresh_state(self.experiment_id)  # interrupted
                 if isinstance(e, KeyboardInterrupt):
                     cause = "Ctrl-C"
                 elif type(e) is SystemExit:
@@ -707,7 +707,7 @@ class Experiment(Element):
                 except Exception:
                     sys.stderr.write(traceback.format_exc())
                 ledger.append("failed", attempt=attempt, error=f"{type(e).__name__}: {e}", traceback=text)
-                _set_state(storage, self.experiment_id, "failed", finished=_now())
+                storage.refresh_state(self.experiment_id)  # failed
                 return "failed"
         finally:
             for tee in (sys.stdout, sys.stderr):
@@ -725,8 +725,8 @@ class Experiment(Element):
             return "interrupted"
         begin_seal(self.directory)  # from here on, a crash is completed by the next launch
         ledger.append("finished", attempt=attempt, result=saved, sync=False)  # synced by the seal, with the rest
-        _set_state(storage, self.experiment_id, "finished", finished=_now())
-        _seal(self.directory)
+        storage.refresh_state(self.experiment_id)  # finished
+        seal(self.directory)
         return "finished"
 
     def _warn_untracked_imports(self, before: set[str]) -> None:
@@ -1193,16 +1193,6 @@ def _after(iso: str | None, since: float) -> bool:
 
 def _private_opener(path: str, flags: int) -> int:
     return os.open(path, flags, FILE_MODE)
-
-
-def _seal(directory: Path) -> None:
-    seal(directory)
-
-
-def _set_state(storage: Storage, experiment_id: str, state: str, **times: str) -> None:
-    # state and times are taken from the ledger itself, so the index row is
-    # exactly what a rebuild would produce (the arguments document the intent)
-    storage.refresh_state(experiment_id)
 
 
 def _restore_for_execution(project_root: str, storage_root: str, experiment_id: str, execution: Any) -> Experiment:
