@@ -100,7 +100,7 @@ class Slurm(Execution):
             _check_config(self)
 
     def __init__(self, config: dict[str, Any] | None = None, *, module: str | None = None, project: Any = None) -> None:
-        super().__init__(config, module=module or "machinable.execution.slurm", project=project)
+        super().__init__(config, module=module, project=project)  # the built-in name, as Execution gives every built-in
         self.jobs: dict[str, str] = {}  # experiment id -> Slurm job id, of this execution's submissions
 
     # --- dispatch -------------------------------------------------------------------
