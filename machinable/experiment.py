@@ -645,16 +645,19 @@ class Experiment(Element):
             if waited_since is not None and state == "failed" and last and _after(last.get("time"), waited_since):
                 return "failed"  # the run we waited for failed: do not rerun it unasked
             self._check_code_unchanged()
-            return self._run_claimed(ledger, claim, len([e for e in events if e.get("event") == "started"]) + 1, state)
+            return self._run_claimed(ledger, claim, events)
         finally:
             claim.release()
 
-    def _run_claimed(self, ledger: Ledger, claim: Claim, attempt: int, previous: str) -> str:
+    def _run_claimed(self, ledger: Ledger, claim: Claim, events: list[dict[str, Any]]) -> str:
+        """Run the next attempt; ``events`` are the ledger as read under the claim
+        (a torn last line, which the repair below cuts, is not among them)."""
         storage = self.storage
+        attempt = ledger.attempts(events) + 1
         ledger.repair()
         repair_torn_tail(self.directory / "records.jsonl")  # a row torn by a crash would swallow the next one
         remove_temp_files(self.directory)  # of atomic writes a crash interrupted
-        if ledger.attempt_is_open():
+        if ledger.attempt_is_open(events):
             ledger.append("interrupted", reason="the process running it stopped without finishing")
         git_state = self._record_attempt_git(attempt)
         try:  # where this attempt's record() rows begin, for records(attempt=...)
